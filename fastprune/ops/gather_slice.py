@@ -1,20 +1,34 @@
-"""gather_slice: keep chosen rows and/or columns of several weights, writing new contiguous tensors in one call.
+"""gather_slice: keep chosen rows and/or columns of several weights, as new contiguous tensors, in one call.
 
 Surgery cuts a layer with one call per coupled group, e.g. q/k/v rows + o columns, or gate/up rows + down
 columns. Each tensor has its own (optional) row and column index; 1-D tensors (biases) take rows only.
+Indices are int32 or int64, may repeat or be unsorted, and may be empty (giving an empty dim).
+
+Backends (``_BACKENDS``, private; tests and benchmarks call them directly by name):
+
+- ``"cpu"``: C++ kernel (``csrc/cpu/gather_slice.cpp``), all tensors in one parallel pass.
+- ``"cuda"``: CUDA kernel (``csrc/cuda/gather_slice.cu``), all tensors in one launch.
+- ``"triton"``: Triton kernel (``kernels/gather_slice.py``), one launch per tensor; CPU tensors need
+  ``TRITON_INTERPRET=1``.
+- ``"reference"``: plain PyTorch.
+
+Dispatch (``_pick_backend``): CPU -> Triton when ``TRITON_INTERPRET=1`` (tests), else C++, else the reference.
+CUDA -> the CUDA module, else Triton, else the reference. The CUDA module is preferred over Triton without a
+measurement: no GPU was available when they were written, so the choice must be confirmed by running
+``benchmarks/bench_gather_slice.py`` on a GPU (both backends are timed there).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from fastprune.ops import _native
 
+Indices = Sequence[Tensor | None]
 
-def reference_gather_slice(
-    tensors: Sequence[Tensor], rows: Sequence[Tensor | None], cols: Sequence[Tensor | None]
-) -> list[Tensor]:
+
+def reference_gather_slice(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
     """Plain PyTorch: ``t[rows][:, cols]`` for each tensor, as a new contiguous tensor."""
     out = []
     for t, r, c in zip(tensors, rows, cols, strict=True):
@@ -26,12 +40,19 @@ def reference_gather_slice(
     return out
 
 
-def _check_args(tensors: Sequence[Tensor], rows: Sequence[Tensor | None], cols: Sequence[Tensor | None]) -> None:
-    torch._check(len(tensors) == len(rows) == len(cols), lambda: "gather_slice: one row and col entry per tensor")
+def _check_args(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> None:
+    torch._check(
+        len(tensors) == len(rows) == len(cols), lambda: "gather_slice: one row and col entry per tensor"
+    )
     for i, (t, r, c) in enumerate(zip(tensors, rows, cols, strict=True)):
         torch._check(t.dim() in (1, 2), lambda i=i: f"gather_slice: tensor {i} must be 1-D or 2-D")
         torch._check(
-            c is None or t.dim() == 2, lambda i=i: f"gather_slice: tensor {i} is 1-D and cannot take column indices"
+            t.device == tensors[0].device,
+            lambda i=i: f"gather_slice: tensor {i} is on another device than tensor 0",
+        )
+        torch._check(
+            c is None or t.dim() == 2,
+            lambda i=i: f"gather_slice: tensor {i} is 1-D and cannot take column indices",
         )
         for name, idx in (("rows", r), ("cols", c)):
             if idx is None:
@@ -42,11 +63,12 @@ def _check_args(tensors: Sequence[Tensor], rows: Sequence[Tensor | None], cols: 
                 lambda i=i, n=name: f"gather_slice: {n} of tensor {i} must be int32 or int64",
             )
             torch._check(
-                idx.device == t.device, lambda i=i, n=name: f"gather_slice: {n} of tensor {i} is on another device"
+                idx.device == t.device,
+                lambda i=i, n=name: f"gather_slice: {n} of tensor {i} is on another device",
             )
 
 
-def _check_bounds(tensors: Sequence[Tensor], rows: Sequence[Tensor | None], cols: Sequence[Tensor | None]) -> None:
+def _check_bounds(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> None:
     for i, (t, r, c) in enumerate(zip(tensors, rows, cols, strict=True)):
         for dim, idx in ((0, r), (1, c)):
             if idx is None or idx.numel() == 0:
@@ -59,34 +81,155 @@ def _check_bounds(tensors: Sequence[Tensor], rows: Sequence[Tensor | None], cols
                 )
 
 
-@torch.library.custom_op("fastprune::gather_slice", mutates_args=())
-def _gather_slice_op(tensors: list[Tensor], rows: list[Tensor | None], cols: list[Tensor | None]) -> list[Tensor]:
+def _run_reference(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
     _check_bounds(tensors, rows, cols)
-    if tensors and tensors[0].device.type == "cpu" and _native.cpu_extension("gather_slice"):
-        return torch.ops.fastprune_cpu.gather_slice(tensors, rows, cols)
     return reference_gather_slice(tensors, rows, cols)
+
+
+def _run_cpu(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+    # The C++ kernel checks every index itself (IndexError) before writing anything.
+    if not _native.cpu_extension("gather_slice"):
+        raise RuntimeError("fastprune: the C++ CPU kernels for gather_slice are not built")
+    return list(torch.ops.fastprune_cpu.gather_slice(list(tensors), list(rows), list(cols)))
+
+
+def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+    # The CUDA kernel checks the indices on the device and the module raises IndexError after the launch:
+    # one stream synchronisation instead of a min/max round trip per index tensor.
+    module = _native.cuda_module("gather_slice")
+    if module is None:
+        raise RuntimeError("fastprune: the CUDA kernels for gather_slice are not built")
+    outputs, jobs, keep = [], [], []  # keep: contiguous copies alive until the kernel has run
+    for t, r, c in zip(tensors, rows, cols, strict=True):
+        src = t if t.dim() == 1 or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+        r, c = _contiguous(r), _contiguous(c)
+        out = _new_output(t, r, c)
+        keep += [src, r, c]
+        outputs.append(out)
+        jobs.append(
+            [
+                src.data_ptr(),
+                out.data_ptr(),
+                0 if r is None else r.data_ptr(),
+                0 if c is None else c.data_ptr(),
+                _index_code(r),
+                _index_code(c),
+                t.element_size(),
+                t.shape[0],
+                t.shape[1] if t.dim() == 2 else 1,
+                src.stride(0),
+                out.shape[0],
+                out.shape[1] if out.dim() == 2 else 1,
+            ]
+        )
+    device = tensors[0].device if tensors else None
+    if jobs:
+        workspace = torch.empty(module.workspace_bytes(len(jobs)), dtype=torch.uint8, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        module.gather_slice(jobs, workspace.data_ptr(), workspace.numel(), index, stream)
+    return outputs
+
+
+def _run_triton(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+    if not _native.triton_available():
+        raise RuntimeError("fastprune: triton is not installed")
+    from fastprune.kernels.gather_slice import gather_slice_into
+
+    _check_bounds(tensors, rows, cols)
+    outputs = [_new_output(t, r, c) for t, r, c in zip(tensors, rows, cols, strict=True)]
+    for t, r, c, out in zip(tensors, rows, cols, outputs, strict=True):
+        gather_slice_into(t, _contiguous(r), _contiguous(c), out)
+    return outputs
+
+
+def _new_output(t: Tensor, r: Tensor | None, c: Tensor | None) -> Tensor:
+    shape = list(t.shape)
+    if r is not None:
+        shape[0] = r.shape[0]
+    if c is not None:
+        shape[1] = c.shape[0]
+    return t.new_empty(shape)
+
+
+def _contiguous(idx: Tensor | None) -> Tensor | None:
+    return None if idx is None else idx.contiguous()
+
+
+def _index_code(idx: Tensor | None) -> int:
+    """How the CUDA module reads an index: 0 = none, 4 = int32, 8 = int64."""
+    return 0 if idx is None else idx.element_size()
+
+
+_BACKENDS: dict[str, Callable[[Sequence[Tensor], Indices, Indices], list[Tensor]]] = {
+    "reference": _run_reference,
+    "cpu": _run_cpu,
+    "cuda": _run_cuda,
+    "triton": _run_triton,
+}
+
+
+def _pick_backend(device: torch.device) -> str:
+    if device.type == "cpu":
+        if _native.use_triton_on_cpu():
+            return "triton"
+        return "cpu" if _native.cpu_extension("gather_slice") else "reference"
+    if device.type == "cuda":
+        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_gather_slice.py on a GPU.
+        if _native.cuda_module("gather_slice") is not None:
+            return "cuda"
+        if _native.triton_available():
+            return "triton"
+    return "reference"
+
+
+@torch.library.custom_op("fastprune::gather_slice", mutates_args=())
+def _gather_slice_op(
+    tensors: list[Tensor], rows: list[Tensor | None], cols: list[Tensor | None]
+) -> list[Tensor]:
+    if not tensors:
+        return []
+    return _BACKENDS[_pick_backend(tensors[0].device)](tensors, rows, cols)
 
 
 @_gather_slice_op.register_fake
 def _(tensors, rows, cols):
     _check_args(tensors, rows, cols)
+    return [_new_output(t, r, c) for t, r, c in zip(tensors, rows, cols, strict=True)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    tensors, rows, cols = inputs
+    ctx.shapes = [t.shape for t in tensors]
+    ctx.rows, ctx.cols = rows, cols
+
+
+def _backward(ctx, grads):
+    # The gradient of a gather is a scatter-add: repeated indices sum their gradients.
     out = []
-    for t, r, c in zip(tensors, rows, cols, strict=True):
-        shape = list(t.shape)
-        if r is not None:
-            shape[0] = r.shape[0]
+    for shape, r, c, g in zip(ctx.shapes, ctx.rows, ctx.cols, grads, strict=True):
         if c is not None:
-            shape[1] = c.shape[0]
-        out.append(t.new_empty(shape))
-    return out
+            g = g.new_zeros(g.shape[0], shape[1]).index_add_(1, c, g)
+        if r is not None:
+            g = g.new_zeros(shape[0], *g.shape[1:]).index_add_(0, r, g)
+        out.append(g)
+    return out, _no_grad(ctx.rows), _no_grad(ctx.cols)
+
+
+def _no_grad(indices: list[Tensor | None]):
+    # torch.library matches the structure of the inputs: a list holding a None counts as one leaf.
+    return None if any(i is None for i in indices) else [None] * len(indices)
+
+
+_gather_slice_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gather_slice(
     tensors: Sequence[Tensor],
-    rows: Sequence[Tensor | None] | None = None,
-    cols: Sequence[Tensor | None] | None = None,
+    rows: Indices | None = None,
+    cols: Indices | None = None,
 ) -> list[Tensor]:
-    """Return ``t[rows[i]][:, cols[i]]`` for every tensor as new contiguous tensors (None keeps that dim whole)."""
+    """Return ``t[rows[i]][:, cols[i]]`` for each tensor, as a new contiguous tensor (None: whole dim)."""
     tensors = list(tensors)
     rows = list(rows) if rows is not None else [None] * len(tensors)
     cols = list(cols) if cols is not None else [None] * len(tensors)
