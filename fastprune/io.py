@@ -1,0 +1,126 @@
+"""Saving and loading models: atomic writes, safe output locations, and loading pruned models back.
+
+A pruned model is written to a hidden temporary directory beside the output and renamed into place only when
+complete, so an interrupted run leaves either nothing or the previous output, never half a model; the input
+model's directory is never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastprune.adapters import adapter_class
+from fastprune.errors import ModelNotFoundError, OutputError
+from fastprune.remote import modeling_fastprune
+from fastprune.remote.modeling_fastprune import PER_LAYER_SUFFIX, REMOTE_CLASSES, REMOTE_MODULE
+
+INFO_FILE = "fastprune.json"
+PLAN_FILE = "plan.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old content or the new, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwrite) or that overlaps an input model's directory."""
+    out = Path(out).resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents:
+            raise OutputError(f"output {out} is inside the input model's directory {src}; choose another location")
+        if out in src.parents:
+            raise OutputError(f"output {out} contains the input model {src}; choose another location")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+
+
+def save_model(model, tokenizer, out: Path, extra_files: dict[str, str], overwrite: bool = False) -> Path:
+    """Save model (safetensors + config), tokenizer and ``extra_files`` (name -> text) to ``out`` atomically."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if _uses_remote_code(model.config):
+            shutil.copyfile(modeling_fastprune.__file__, tmp / f"{REMOTE_MODULE}.py")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "previous")
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _uses_remote_code(config) -> bool:
+    return any(v.startswith(f"{REMOTE_MODULE}.") for v in (getattr(config, "auto_map", None) or {}).values())
+
+
+def has_per_layer_widths(config) -> bool:
+    return any(k.endswith(PER_LAYER_SUFFIX) for k in config.to_dict())
+
+
+def model_class(config):
+    """The class that loads this config: fastprune's modeling class for per-layer widths, else the Auto class."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    adapter = adapter_class(config.model_type)
+    if has_per_layer_widths(config):
+        names = REMOTE_CLASSES[config.model_type]
+        return getattr(modeling_fastprune, next(iter(names.values())))
+    if adapter.causal:
+        return AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in (config.architectures or [])):
+        return AutoModelForMaskedLM
+    return AutoModel
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a model directory (plain or fastprune-pruned with per-layer widths); no remote code is executed."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"no model at {path}: expected a directory with config.json and weights")
+    config = AutoConfig.from_pretrained(path)
+    model = model_class(config).from_pretrained(path, config=config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def read_info(path: str | Path) -> dict | None:
+    """How a fastprune output was made (its fastprune.json), or None for other models."""
+    info = Path(path) / INFO_FILE
+    return json.loads(info.read_text()) if info.is_file() else None

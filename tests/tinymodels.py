@@ -1,0 +1,115 @@
+"""Tiny random models built from configs (milliseconds), a character tokenizer, random plans."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from fastprune.planning import LayerCut, Plan
+
+VOCAB = 97
+
+
+def tiny_decoder(kind: str = "llama", heads: int = 6, kv_heads: int = 2, layers: int = 4, channels: int = 44,
+                 seed: int = 0, tie: bool = True, **extra) -> torch.nn.Module:
+    """A randomly initialised Llama-family decoder small enough to run in milliseconds."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=72,
+        intermediate_size=channels,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        **extra,
+    )
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }
+    config_cls, model_cls = classes[kind]
+    model = model_cls(config_cls(**common))
+    _perturb_norms(model)
+    return model.eval()
+
+
+def tiny_bert(heads: int = 4, layers: int = 3, channels: int = 36, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=channels,
+        max_position_embeddings=128,
+    )
+    model = BertModel(config)
+    _perturb_norms(model)
+    return model.eval()
+
+
+def _perturb_norms(model: torch.nn.Module) -> None:
+    """Random norm weights and biases, so tests do not pass only because norms are identity."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+
+
+class CharTokenizer:
+    """A character-level tokenizer with the interface fastprune uses (call, special ids, save_pretrained)."""
+
+    cls_token_id = 1
+    sep_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        ids = [3 + ord(c) % (VOCAB - 3) for c in text]
+        return {"input_ids": ids}
+
+    def save_pretrained(self, path):
+        (path / "char_tokenizer.txt").write_text("char")
+
+
+def random_plan(shape, seed: int, drop: int = 1, gqa: str = "query_heads") -> Plan:
+    """A random legal plan: some heads (evenly within KV groups or whole groups), channels and layers."""
+    rng = random.Random(seed)
+    n = shape.num_layers
+    drop_layers = rng.sample(range(n), drop)
+    cuts = {}
+    for i, s in enumerate(shape.layers):
+        if i in drop_layers:
+            continue
+        g = s.group_size
+        heads, kv = [], []
+        if gqa == "kv_groups" or g == 1:
+            kv = rng.sample(range(s.kv_heads), rng.randrange(s.kv_heads))
+            heads = [h for k in kv for h in range(k * g, (k + 1) * g)]
+        else:
+            per_group = rng.randrange(g)
+            for k in range(s.kv_heads):
+                heads += rng.sample(range(k * g, (k + 1) * g), per_group)
+        channels = rng.sample(range(s.channels), rng.randrange(s.channels))
+        cuts[i] = LayerCut(heads, kv, channels)
+    return Plan(shape, cuts, drop_layers)
+
+
+def token_batch(batch: int = 2, length: int = 19, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
