@@ -1,10 +1,13 @@
-// gather_slice on CPU: keep chosen rows and/or columns of several tensors, writing new contiguous tensors.
+// gather_slice on CPU: keep chosen rows and/or columns of several tensors, writing contiguous tensors (new
+// ones: op gather_slice; given ones: op gather_slice_out).
 //
 // All tensors of one call are cut in one parallel pass over (tensor, block of output rows) work items of about
 // equal size, so a call holding a 4096x11008 weight and a bias balances across threads. Elements are copied as
 // raw bytes, so the kernels only depend on the element size.
 //
-// - Row gather: one memcpy per output row.
+// - Row gather: one copy per output row.
+// - Outputs larger than the caches are written with non-temporal stores, and new ones of several MiB are
+//   advised to use transparent huge pages (see new_output).
 // - Column gather: the kept columns are cut into chunks of one 64-byte output vector. For a chunk whose sources
 //   fit a 128-byte window (true for sorted indices that keep at least half the columns, which is what pruning
 //   produces), one AVX-512 two-source permute assembles the chunk from two loads; the window start and the
@@ -14,6 +17,7 @@
 
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -53,8 +57,9 @@ struct TensorJob {
   int64_t src_row_bytes = 0; // stride between source rows, in bytes
   std::vector<int64_t> rows; // source row of each output row; empty = all rows in order
   std::vector<int32_t> cols; // source column of each output column; empty = all columns in order
-  // Column-gather chunks (out_cols / lanes of them): start of the 128-byte source window, or -1 when the chunk
-  // must be gathered element by element; and the permute lane (< 2 * lanes) of each output element.
+  // Column-gather chunks (out_cols / lanes of them): the source column that starts the chunk's 128-byte
+  // window, or -1 when the chunk must be gathered element by element; and the permute lane (< 2 * lanes) of
+  // each output element.
   std::vector<int64_t> window;
   std::vector<uint8_t> lane;
   bool stream = false; // write with non-temporal stores (see store_chunk)
@@ -289,29 +294,41 @@ TensorJob plan_tensor(const at::Tensor& t, const std::optional<at::Tensor>& rows
   return job;
 }
 
-std::vector<at::Tensor> gather_slice_cpu(at::TensorList tensors, c10::List<std::optional<at::Tensor>> rows,
-                                         c10::List<std::optional<at::Tensor>> cols) {
+// Every tensor of one call, checked and planned; `sources` keeps contiguous copies alive during the pass.
+struct Call {
+  std::vector<TensorJob> jobs;
+  std::vector<at::Tensor> sources;
+};
+
+Call plan_call(at::TensorList tensors, const c10::List<std::optional<at::Tensor>>& rows,
+               const c10::List<std::optional<at::Tensor>>& cols) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(rows.size()) == n && static_cast<int64_t>(cols.size()) == n,
                     "gather_slice: got ", n, " tensors but ", rows.size(), " row and ", cols.size(),
                     " column entries (one each per tensor)");
-  std::vector<TensorJob> jobs;
-  std::vector<at::Tensor> sources(n); // keeps contiguous copies alive during the pass
-  jobs.reserve(n);
-  for (int64_t i = 0; i < n; ++i) jobs.push_back(plan_tensor(tensors[i], rows.get(i), cols.get(i), i, sources[i]));
+  Call call;
+  call.sources.resize(n);
+  call.jobs.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    call.jobs.push_back(plan_tensor(tensors[i], rows.get(i), cols.get(i), i, call.sources[i]));
+  return call;
+}
 
-  std::vector<at::Tensor> outputs;
+std::vector<int64_t> output_sizes(const at::Tensor& t, const TensorJob& job) {
+  if (t.dim() == 2) return {job.out_rows, job.out_cols};
+  return {job.out_rows};
+}
+
+// Write every tensor's output in one parallel pass over work items of about kItemBytes each.
+void run_call(Call& call, const std::vector<at::Tensor>& outputs) {
   std::vector<WorkItem> items;
   int64_t total_bytes = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    TensorJob& job = jobs[i];
-    const at::Tensor& t = tensors[i];
-    outputs.push_back(t.dim() == 2 ? new_output({job.out_rows, job.out_cols}, t.options())
-                                   : new_output({job.out_rows}, t.options()));
-    job.src = static_cast<const char*>(sources[i].data_ptr());
-    job.dst = static_cast<char*>(outputs.back().data_ptr());
+  for (int64_t i = 0; i < static_cast<int64_t>(call.jobs.size()); ++i) {
+    TensorJob& job = call.jobs[i];
+    job.src = static_cast<const char*>(call.sources[i].data_ptr());
+    job.dst = static_cast<char*>(outputs[i].data_ptr());
     const int64_t row_bytes = job.out_cols * job.esz;
-    if (row_bytes == 0) continue;
+    if (row_bytes == 0 || job.out_rows == 0) continue;
     total_bytes += job.out_rows * row_bytes;
     job.stream = cpu_has_avx512() && job.out_rows * row_bytes >= kStreamBytes && row_bytes % kVecBytes == 0 &&
                  reinterpret_cast<uintptr_t>(job.dst) % kVecBytes == 0;
@@ -322,10 +339,41 @@ std::vector<at::Tensor> gather_slice_cpu(at::TensorList tensors, c10::List<std::
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t grain = total_bytes < kSerialBytes ? n_items + 1 : 1; // parallel_for runs ranges < grain inline
   at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) run_item(jobs[items[k].job], items[k]);
+    for (int64_t k = begin; k < end; ++k) run_item(call.jobs[items[k].job], items[k]);
     fence_streams();
   });
+}
+
+std::vector<at::Tensor> gather_slice_cpu(at::TensorList tensors, c10::List<std::optional<at::Tensor>> rows,
+                                         c10::List<std::optional<at::Tensor>> cols) {
+  Call call = plan_call(tensors, rows, cols);
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    outputs.push_back(new_output(output_sizes(tensors[i], call.jobs[i]), tensors[i].options()));
+  run_call(call, outputs);
   return outputs;
+}
+
+void gather_slice_out_cpu(at::TensorList tensors, c10::List<std::optional<at::Tensor>> rows,
+                          c10::List<std::optional<at::Tensor>> cols, at::TensorList out) {
+  Call call = plan_call(tensors, rows, cols);
+  TORCH_CHECK_VALUE(out.size() == tensors.size(), "gather_slice: got ", tensors.size(), " tensors but ", out.size(),
+                    " outputs");
+  std::vector<at::Tensor> outputs(out.begin(), out.end());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& o = outputs[i];
+    const std::vector<int64_t> sizes = output_sizes(tensors[i], call.jobs[i]);
+    TORCH_CHECK_VALUE(o.sizes() == at::IntArrayRef(sizes), "gather_slice: output ", i, " has shape ", o.sizes(),
+                      ", expected ", at::IntArrayRef(sizes));
+    TORCH_CHECK_TYPE(o.scalar_type() == tensors[i].scalar_type(), "gather_slice: output ", i, " has dtype ",
+                     o.scalar_type(), ", expected ", tensors[i].scalar_type());
+    TORCH_CHECK(o.device().is_cpu() && o.is_contiguous(), "gather_slice: output ", i,
+                " must be a contiguous CPU tensor");
+    // Writing while reading the same memory would corrupt the result, not the process; refuse it anyway.
+    for (size_t j = 0; j < tensors.size(); ++j) at::assert_no_overlap(o, tensors[j]);
+    for (size_t j = 0; j < i; ++j) at::assert_no_overlap(o, outputs[j]);
+  }
+  run_call(call, outputs);
 }
 
 } // namespace
@@ -334,6 +382,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
 
 TORCH_LIBRARY_FRAGMENT(fastprune_cpu, m) {
   m.def("gather_slice(Tensor[] tensors, Tensor?[] rows, Tensor?[] cols) -> Tensor[]");
+  m.def("gather_slice_out(Tensor[] tensors, Tensor?[] rows, Tensor?[] cols, Tensor(a!)[] out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastprune_cpu, CPU, m) { m.impl("gather_slice", &gather_slice_cpu); }
+TORCH_LIBRARY_IMPL(fastprune_cpu, CPU, m) {
+  m.impl("gather_slice", &gather_slice_cpu);
+  m.impl("gather_slice_out", &gather_slice_out_cpu);
+}

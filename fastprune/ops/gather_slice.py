@@ -12,6 +12,9 @@ Backends (``_BACKENDS``, private; tests and benchmarks call them directly by nam
   ``TRITON_INTERPRET=1``.
 - ``"reference"``: plain PyTorch.
 
+``gather_slice(..., out=...)`` writes into given tensors instead (op ``fastprune::gather_slice_out``); it also
+lets benchmarks time the copy apart from allocating fresh output memory, which costs page faults.
+
 Dispatch (``_pick_backend``): CPU -> Triton when ``TRITON_INTERPRET=1`` (tests), else C++, else the reference.
 CUDA -> the CUDA module, else Triton, else the reference. The CUDA module is preferred over Triton without a
 measurement: no GPU was available when they were written, so the choice must be confirmed by running
@@ -26,6 +29,7 @@ from torch import Tensor
 from fastprune.ops import _native
 
 Indices = Sequence[Tensor | None]
+Outputs = Sequence[Tensor] | None
 
 
 def reference_gather_slice(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
@@ -81,35 +85,44 @@ def _check_bounds(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> No
                 )
 
 
-def _run_reference(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+def _run_reference(
+    tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None
+) -> list[Tensor]:
     _check_bounds(tensors, rows, cols)
-    return reference_gather_slice(tensors, rows, cols)
+    result = reference_gather_slice(tensors, rows, cols)
+    if out is None:
+        return result
+    for o, r in zip(out, result, strict=True):
+        o.copy_(r)
+    return list(out)
 
 
-def _run_cpu(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+def _run_cpu(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
     # The C++ kernel checks every index itself (IndexError) before writing anything.
     if not _native.cpu_extension("gather_slice"):
         raise RuntimeError("fastprune: the C++ CPU kernels for gather_slice are not built")
-    return list(torch.ops.fastprune_cpu.gather_slice(list(tensors), list(rows), list(cols)))
+    if out is None:
+        return list(torch.ops.fastprune_cpu.gather_slice(list(tensors), list(rows), list(cols)))
+    torch.ops.fastprune_cpu.gather_slice_out(list(tensors), list(rows), list(cols), list(out))
+    return list(out)
 
 
-def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
     # The CUDA kernel checks the indices on the device and the module raises IndexError after the launch:
     # one stream synchronisation instead of a min/max round trip per index tensor.
     module = _native.cuda_module("gather_slice")
     if module is None:
         raise RuntimeError("fastprune: the CUDA kernels for gather_slice are not built")
-    outputs, jobs, keep = [], [], []  # keep: contiguous copies alive until the kernel has run
-    for t, r, c in zip(tensors, rows, cols, strict=True):
+    outputs = _outputs(tensors, rows, cols, out)
+    jobs, keep = [], []  # keep: contiguous copies alive until the kernel has run
+    for t, r, c, o in zip(tensors, rows, cols, outputs, strict=True):
         src = t if t.dim() == 1 or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
         r, c = _contiguous(r), _contiguous(c)
-        out = _new_output(t, r, c)
         keep += [src, r, c]
-        outputs.append(out)
         jobs.append(
             [
                 src.data_ptr(),
-                out.data_ptr(),
+                o.data_ptr(),
                 0 if r is None else r.data_ptr(),
                 0 if c is None else c.data_ptr(),
                 _index_code(r),
@@ -118,12 +131,12 @@ def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[T
                 t.shape[0],
                 t.shape[1] if t.dim() == 2 else 1,
                 src.stride(0),
-                out.shape[0],
-                out.shape[1] if out.dim() == 2 else 1,
+                o.shape[0],
+                o.shape[1] if o.dim() == 2 else 1,
             ]
         )
-    device = tensors[0].device if tensors else None
     if jobs:
+        device = tensors[0].device
         workspace = torch.empty(module.workspace_bytes(len(jobs)), dtype=torch.uint8, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -131,16 +144,22 @@ def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[T
     return outputs
 
 
-def _run_triton(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> list[Tensor]:
+def _run_triton(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
     if not _native.triton_available():
         raise RuntimeError("fastprune: triton is not installed")
     from fastprune.kernels.gather_slice import gather_slice_into
 
     _check_bounds(tensors, rows, cols)
-    outputs = [_new_output(t, r, c) for t, r, c in zip(tensors, rows, cols, strict=True)]
-    for t, r, c, out in zip(tensors, rows, cols, outputs, strict=True):
-        gather_slice_into(t, _contiguous(r), _contiguous(c), out)
+    outputs = _outputs(tensors, rows, cols, out)
+    for t, r, c, o in zip(tensors, rows, cols, outputs, strict=True):
+        gather_slice_into(t, _contiguous(r), _contiguous(c), o)
     return outputs
+
+
+def _outputs(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs) -> list[Tensor]:
+    if out is not None:
+        return list(out)
+    return [_new_output(t, r, c) for t, r, c in zip(tensors, rows, cols, strict=True)]
 
 
 def _new_output(t: Tensor, r: Tensor | None, c: Tensor | None) -> Tensor:
@@ -161,7 +180,8 @@ def _index_code(idx: Tensor | None) -> int:
     return 0 if idx is None else idx.element_size()
 
 
-_BACKENDS: dict[str, Callable[[Sequence[Tensor], Indices, Indices], list[Tensor]]] = {
+# Each backend: (tensors, rows, cols, out=None) -> outputs, written into ``out`` when given (checked already).
+_BACKENDS: dict[str, Callable[..., list[Tensor]]] = {
     "reference": _run_reference,
     "cpu": _run_cpu,
     "cuda": _run_cuda,
@@ -224,14 +244,53 @@ def _no_grad(indices: list[Tensor | None]):
 _gather_slice_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastprune::gather_slice_out", mutates_args=("out",))
+def _gather_slice_out_op(
+    tensors: list[Tensor], rows: list[Tensor | None], cols: list[Tensor | None], out: list[Tensor]
+) -> None:
+    if not tensors:
+        return
+    for i, o in enumerate(out):
+        for t in tensors:
+            if o.numel() and t.numel() and o.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                raise ValueError(f"gather_slice: output {i} shares memory with an input tensor")
+    _BACKENDS[_pick_backend(tensors[0].device)](tensors, rows, cols, out)
+
+
+def _check_out(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Sequence[Tensor]) -> None:
+    torch._check(len(out) == len(tensors), lambda: "gather_slice: one output per tensor")
+    for i, (t, r, c, o) in enumerate(zip(tensors, rows, cols, out, strict=True)):
+        expected = _new_output(t, r, c).shape
+        torch._check(
+            o.shape == expected,
+            lambda i=i, o=o, e=expected: f"gather_slice: output {i} has shape {o.shape}, not {e}",
+        )
+        torch._check(
+            o.dtype == t.dtype, lambda i=i: f"gather_slice: output {i} has another dtype than tensor {i}"
+        )
+        torch._check(o.device == t.device, lambda i=i: f"gather_slice: output {i} is on another device")
+        torch._check(o.is_contiguous(), lambda i=i: f"gather_slice: output {i} must be contiguous")
+
+
 def gather_slice(
     tensors: Sequence[Tensor],
     rows: Indices | None = None,
     cols: Indices | None = None,
+    *,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Return ``t[rows[i]][:, cols[i]]`` for each tensor, as a new contiguous tensor (None: whole dim)."""
+    """Return ``t[rows[i]][:, cols[i]]`` for each tensor, as a new contiguous tensor (None: whole dim).
+
+    With ``out`` (contiguous tensors of the result shapes, sharing no memory with the inputs), write the
+    results there instead and return them: e.g. straight into a preallocated buffer of a model being saved.
+    """
     tensors = list(tensors)
     rows = list(rows) if rows is not None else [None] * len(tensors)
     cols = list(cols) if cols is not None else [None] * len(tensors)
     _check_args(tensors, rows, cols)
-    return _gather_slice_op(tensors, rows, cols)
+    if out is None:
+        return _gather_slice_op(tensors, rows, cols)
+    out = list(out)
+    _check_out(tensors, rows, cols, out)
+    _gather_slice_out_op(tensors, rows, cols, out)
+    return out

@@ -71,10 +71,16 @@ def sample_inputs(device: str, dtype: torch.dtype, shape: tuple[int, int], mode:
     return tensors, to_dev, [None if i is None else i.to(device) for i in cols_list]
 
 
-def check_backend(backend: str, device: str, dtype: torch.dtype, shape: tuple[int, int], mode: str) -> None:
+def check_backend(
+    backend: str, device: str, dtype: torch.dtype, shape: tuple[int, int], mode: str, into: bool = False
+) -> None:
+    """Compare one backend with the reference; ``into``: write into preallocated outputs (``out=``)."""
     tensors, rows, cols = sample_inputs(device, dtype, shape, mode)
-    out = gs._BACKENDS[backend](tensors, rows, cols)
+    given = [torch.full_like(reference(t, r, c), 7) for t, r, c in zip(tensors, rows, cols, strict=True)]
+    out = gs._BACKENDS[backend](tensors, rows, cols, given if into else None)
     assert len(out) == len(tensors)
+    if into:
+        assert all(o is g for o, g in zip(out, given, strict=True))
     for o, t, r, c in zip(out, tensors, rows, cols, strict=True):
         expected = reference(t, r, c)
         assert o.is_contiguous() and o.dtype == t.dtype and o.device == t.device
@@ -110,6 +116,18 @@ def test_reference_backend(dtype, shape, mode):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_backend(dtype, shape, mode):
     check_backend("cpu", "cpu", dtype, shape, mode)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["reference", pytest.param("cpu", marks=needs_cpu_ext), pytest.param("triton", marks=needs_triton)],
+)
+@pytest.mark.parametrize("mode", ["both", "none", "empty_cols"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backends_write_into_given_outputs(request, backend, dtype, mode):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreted")
+    check_backend(backend, "cpu", dtype, (33, 100), mode, into=True)
 
 
 @needs_cpu_ext
@@ -175,6 +193,7 @@ def test_gpu_backends(backend, dtype, shape, mode):
     if backend == "cuda" and not CUDA_BUILT:
         pytest.skip("CUDA module not built")
     check_backend(backend, "cuda", dtype, shape, mode)
+    check_backend(backend, "cuda", dtype, shape, mode, into=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,6 +213,10 @@ def test_public_gather_slice_layer_group(dtype):
     full = gather_slice([q])[0]
     torch.testing.assert_close(full, q, atol=0, rtol=0)
     assert full.data_ptr() != q.data_ptr()
+    given = [torch.empty_like(o) for o in out]
+    assert gather_slice([q, k, v, bq, o], [keep] * 4 + [None], [None] * 4 + [keep], out=given) == given
+    for got, expected in zip(given, out, strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------ op registration, autograd
@@ -204,6 +227,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastprune.gather_slice.default, (tensors, rows, cols))
     grads = [t.clone().requires_grad_() for t in tensors]
     torch.library.opcheck(torch.ops.fastprune.gather_slice.default, (grads, rows, cols))
+    out = [torch.empty_like(reference(t, r, c)) for t, r, c in zip(tensors, rows, cols, strict=True)]
+    torch.library.opcheck(torch.ops.fastprune.gather_slice_out.default, (tensors, rows, cols, out))
 
 
 def test_gradients_scatter_add():
@@ -269,6 +294,32 @@ def test_gpu_out_of_range_index_raises(backend):
 def test_bad_arguments_raise(tensors, rows, cols, match):
     with pytest.raises(RuntimeError, match=match):
         gather_slice(tensors, rows, cols)
+
+
+def test_bad_outputs_raise():
+    w, rows = torch.randn(6, 5), torch.tensor([0, 2])
+    bad = [
+        (torch.empty(3, 5), RuntimeError, "has shape"),
+        (torch.empty(2, 5, dtype=torch.float16), RuntimeError, "another dtype"),
+        (torch.empty(5, 2).t(), RuntimeError, "contiguous"),
+        (w[:2], ValueError, "shares memory"),
+    ]
+    for out, error, match in bad:
+        with pytest.raises(error, match=match):
+            gather_slice([w], [rows], out=[out])
+    with pytest.raises(RuntimeError, match="one output per tensor"):
+        gather_slice([w], [rows], out=[])
+
+
+@needs_cpu_ext
+def test_cpu_kernel_rejects_bad_outputs():
+    w, rows = torch.randn(6, 5), [torch.tensor([0, 2])]
+    with pytest.raises(ValueError, match="expected"):
+        torch.ops.fastprune_cpu.gather_slice_out([w], rows, [None], [torch.empty(3, 5)])
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.fastprune_cpu.gather_slice_out([w], rows, [None], [torch.empty(2, 5, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.fastprune_cpu.gather_slice_out([w], rows, [None], [w[1:3]])
 
 
 @needs_cpu_ext
