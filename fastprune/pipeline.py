@@ -18,7 +18,7 @@ from fastprune.data import TokenWindows, read_text, token_windows
 from fastprune.errors import CalibrationError
 from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
-from fastprune.planning import Plan, make_plan
+from fastprune.planning import Plan, check_feasible, make_plan
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
 
@@ -73,6 +73,7 @@ def prune(
     scores = None
     cal_info: dict = {}
     if plan is None:
+        check_feasible(adapter.shape(), config, adapter.param_costs())
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         cal_info = windows.describe()
         torch.manual_seed(config.seed)

@@ -244,6 +244,13 @@ def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts) -> Plan:
     return plan
 
 
+def check_feasible(shape: ModelShape, config: PruningConfig, costs: ParamCosts) -> None:
+    """Raise the PlanError that planning would raise for any scores (illegal GQA ratio, protections, targets),
+    so a bad request fails before minutes of scoring."""
+    flat = {k: [torch.ones(getattr(s, k), dtype=torch.float64) for s in shape.layers] for k in ("heads", "kv_heads", "channels")}
+    make_plan(Scores("feasibility", shape, **flat, layers=torch.ones(shape.num_layers, dtype=torch.float64)), config, costs)
+
+
 class _Planner:
     """Ranks units once (per-layer head granules, channel orders) and answers plans for any ratios."""
 
@@ -383,7 +390,7 @@ def _legal_count(want: float, size: int, total: int, snap: bool, what: str, avai
     """How many granules of ``size`` heads remove ``want`` heads; refuse (or snap down) when impossible."""
     exact = want / size
     k = round(exact)
-    if abs(exact - k) > 1e-6:
+    if abs(exact - k) > 0.005:  # tolerate ratios typed to a few digits, e.g. 0.333 for 1/3
         lo, hi = int(exact) * size, (int(exact) + 1) * size
         if not snap:
             raise PlanError(

@@ -1,9 +1,9 @@
 """Shared fixtures; the model factories live in tinymodels.py (importable from every test module)."""
 
 import pytest
-from tinymodels import CharTokenizer
+from tinymodels import byte_tokenizer
 
 
-@pytest.fixture
-def char_tokenizer():
-    return CharTokenizer()
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()

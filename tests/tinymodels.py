@@ -20,7 +20,7 @@ from transformers import (
 
 from fastprune.planning import LayerCut, Plan
 
-VOCAB = 97
+VOCAB = 260  # the byte tokenizer's size
 
 
 def tiny_decoder(kind: str = "llama", heads: int = 6, kv_heads: int = 2, layers: int = 4, channels: int = 44,
@@ -74,18 +74,19 @@ def _perturb_norms(model: torch.nn.Module) -> None:
                 p.add_(0.1 * torch.randn_like(p))
 
 
-class CharTokenizer:
-    """A character-level tokenizer with the interface fastprune uses (call, special ids, save_pretrained)."""
+def byte_tokenizer():
+    """A byte-level tokenizer (one token per UTF-8 byte, plus [PAD] [UNK] [CLS] [SEP]) that saves and reloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    cls_token_id = 1
-    sep_token_id = 2
-
-    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
-        ids = [3 + ord(c) % (VOCAB - 3) for c in text]
-        return {"input_ids": ids}
-
-    def save_pretrained(self, path):
-        (path / "char_tokenizer.txt").write_text("char")
+    vocab = {c: i + 4 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def random_plan(shape, seed: int, drop: int = 1, gqa: str = "query_heads") -> Plan:
@@ -112,4 +113,4 @@ def random_plan(shape, seed: int, drop: int = 1, gqa: str = "query_heads") -> Pl
 
 
 def token_batch(batch: int = 2, length: int = 19, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
