@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -29,12 +30,13 @@ constexpr int kFields = 12;                // per tensor, in the order of the Py
 struct Job {
   const char* src;
   char* dst;
-  const void* rows; // null = all rows in order
-  const void* cols; // null = all columns in order
+  const void* rows; // row indices (has_rows), may be null when there are none
+  const void* cols; // column indices (has_cols)
   int64_t src_rows, src_cols, src_stride; // stride between source rows, in elements
   int64_t out_rows, out_cols;
   int64_t first_block, rows_per_block;
   int32_t esz;
+  int32_t has_rows, has_cols; // 0: keep that dim whole
   int32_t rows_int64, cols_int64;
   int32_t vec; // elements per thread store: 16 / esz when rows are 16-byte aligned, else 1
   int32_t vec_src; // row gather whose source rows are 16-byte aligned: read 16 bytes at a time too
@@ -71,7 +73,7 @@ __device__ __forceinline__ int64_t load_index(const void* p, int32_t is64, int64
 
 // Source row of output row r, or -1 (and the error flag) when the index is out of range.
 __device__ __forceinline__ int64_t source_row(const Job& job, int64_t r, int32_t* bad) {
-  if (!job.rows) return r;
+  if (!job.has_rows) return r;
   const int64_t s = load_index(job.rows, job.rows_int64, r);
   if (s < 0 || s >= job.src_rows) {
     atomicExch(bad, 1);
@@ -80,24 +82,28 @@ __device__ __forceinline__ int64_t source_row(const Job& job, int64_t r, int32_t
   return s;
 }
 
-template <typename T>
-__device__ __forceinline__ T load_element(const Job& job, const T* src_row, int64_t j, int32_t* bad) {
-  int64_t c = j;
-  if (job.cols) {
-    c = load_index(job.cols, job.cols_int64, j);
+// The source columns of output group g (VEC consecutive output columns), read once and reused for every row
+// of the block; -1 marks an out-of-range index (its element is written as zero).
+template <int VEC>
+__device__ __forceinline__ void load_group(const Job& job, int64_t g, int32_t (&col)[VEC], int32_t* bad) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const int64_t j = g * VEC + k;
+    int64_t c = job.has_cols ? load_index(job.cols, job.cols_int64, j) : j;
     if (c < 0 || c >= job.src_cols) {
       atomicExch(bad, 1);
-      return T{};
+      c = -1;
     }
+    col[k] = static_cast<int32_t>(c); // src_cols < 2^31 (checked on the host)
   }
-  return src_row ? src_row[c] : T{};
 }
 
-// Write output group g (VEC consecutive elements) of one row.
+// Write output group g of one row; src_row is null when the row index is out of range.
 template <typename T, int VEC>
-__device__ __forceinline__ void copy_group(const Job& job, const T* src_row, T* dst_row, int64_t g, int32_t* bad) {
+__device__ __forceinline__ void write_group(const Job& job, const T* src_row, T* dst_row, int64_t g,
+                                            const int32_t (&col)[VEC]) {
   if constexpr (VEC == 1) {
-    dst_row[g] = load_element(job, src_row, g, bad);
+    dst_row[g] = (src_row && col[0] >= 0) ? src_row[col[0]] : T{};
   } else {
     union {
       Bytes16 packed;
@@ -107,7 +113,7 @@ __device__ __forceinline__ void copy_group(const Job& job, const T* src_row, T* 
       u.packed = reinterpret_cast<const Bytes16*>(src_row)[g];
     } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) u.v[k] = load_element(job, src_row, g * VEC + k, bad);
+      for (int k = 0; k < VEC; ++k) u.v[k] = (src_row && col[k] >= 0) ? src_row[col[k]] : T{};
     }
     reinterpret_cast<Bytes16*>(dst_row)[g] = u.packed;
   }
@@ -118,30 +124,23 @@ __device__ void copy_rows(const Job& job, int64_t r0, int64_t r1, int32_t* bad) 
   const int64_t groups = job.out_cols / VEC;
   const T* src = reinterpret_cast<const T*>(job.src);
   T* dst = reinterpret_cast<T*>(job.dst);
-  auto row_ptrs = [&](int64_t r, const T** s, T** d) {
-    const int64_t sr = source_row(job, r, bad);
-    *s = sr < 0 ? nullptr : src + sr * job.src_stride;
-    *d = dst + r * job.out_cols;
-  };
-  if (groups >= kThreads) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* s;
-      T* d;
-      row_ptrs(r, &s, &d);
-      for (int64_t g = threadIdx.x; g < groups; g += kThreads) copy_group<T, VEC>(job, s, d, g, bad);
-    }
-  } else if (groups > 0) {
+  // Each thread owns fixed output groups and walks down the block's rows, so it reads its column indices once;
+  // at each step the threads of a warp write adjacent groups of one row (coalesced stores).
+  int64_t first_g = threadIdx.x, g_step = kThreads, first_r = r0, r_step = 1;
+  if (groups < kThreads) {
     // Narrow rows (biases, heavily cut weights): spread the threads over several rows at once.
-    const int64_t row_step = kThreads / groups;
-    const int64_t sub = threadIdx.x / groups;
-    const int64_t g = threadIdx.x % groups;
-    if (sub < row_step) {
-      for (int64_t r = r0 + sub; r < r1; r += row_step) {
-        const T* s;
-        T* d;
-        row_ptrs(r, &s, &d);
-        copy_group<T, VEC>(job, s, d, g, bad);
-      }
+    r_step = kThreads / groups;
+    first_r = r0 + threadIdx.x / groups;
+    first_g = threadIdx.x % groups;
+    g_step = groups;
+    if (threadIdx.x / groups >= r_step) return;
+  }
+  for (int64_t g = first_g; g < groups; g += g_step) {
+    int32_t col[VEC];
+    load_group<VEC>(job, g, col, bad);
+    for (int64_t r = first_r; r < r1; r += r_step) {
+      const int64_t sr = source_row(job, r, bad);
+      write_group<T, VEC>(job, sr < 0 ? nullptr : src + sr * job.src_stride, dst + r * job.out_cols, g, col);
     }
   }
 }
@@ -199,21 +198,27 @@ Job make_job(const std::vector<int64_t>& f, size_t i) {
     throw std::invalid_argument("fastprune gather_slice: element size must be 1, 2, 4, 8 or 16" + at);
   if ((rows_code != 0 && rows_code != 4 && rows_code != 8) || (cols_code != 0 && cols_code != 4 && cols_code != 8))
     throw std::invalid_argument("fastprune gather_slice: index code must be 0 (none), 4 (int32) or 8 (int64)" + at);
-  if ((rows_code == 0) != (job.rows == nullptr) || (cols_code == 0) != (job.cols == nullptr))
-    throw std::invalid_argument("fastprune gather_slice: index pointer and index code disagree" + at);
+  job.has_rows = rows_code != 0;
+  job.has_cols = cols_code != 0;
+  if ((!job.has_rows && job.rows) || (!job.has_cols && job.cols))
+    throw std::invalid_argument("fastprune gather_slice: an index pointer without an index code" + at);
   if (job.src_rows < 0 || job.src_cols < 0 || job.src_stride < 0 || job.out_rows < 0 || job.out_cols < 0)
     throw std::invalid_argument("fastprune gather_slice: negative size or stride" + at);
-  if ((!job.rows && job.out_rows != job.src_rows) || (!job.cols && job.out_cols != job.src_cols))
+  if (job.src_cols > INT32_MAX || job.out_cols > INT32_MAX)
+    throw std::invalid_argument("fastprune gather_slice: more than 2^31 - 1 columns" + at);
+  if ((!job.has_rows && job.out_rows != job.src_rows) || (!job.has_cols && job.out_cols != job.src_cols))
     throw std::invalid_argument("fastprune gather_slice: output size differs from an unindexed source size" + at);
   // An empty source may have a null pointer: then every index is out of range, and nothing is read.
-  if ((job.out_rows * job.out_cols > 0 && !job.dst) || (job.src_rows * job.src_cols > 0 && !job.src))
-    throw std::invalid_argument("fastprune gather_slice: null tensor pointer" + at);
+  const bool writes = job.out_rows * job.out_cols > 0;
+  if ((writes && !job.dst) || (job.src_rows * job.src_cols > 0 && !job.src) ||
+      (writes && ((job.has_rows && !job.rows) || (job.has_cols && !job.cols))))
+    throw std::invalid_argument("fastprune gather_slice: null pointer" + at);
   job.esz = static_cast<int32_t>(esz);
   job.rows_int64 = rows_code == 8;
   job.cols_int64 = cols_code == 8;
   const int64_t row_bytes = job.out_cols * esz;
   job.vec = (esz < 16 && row_bytes % 16 == 0 && aligned16(reinterpret_cast<uintptr_t>(job.dst))) ? 16 / esz : 1;
-  job.vec_src = job.vec > 1 && !job.cols && aligned16(reinterpret_cast<uintptr_t>(job.src)) &&
+  job.vec_src = job.vec > 1 && !job.has_cols && aligned16(reinterpret_cast<uintptr_t>(job.src)) &&
                 (job.src_stride * esz) % 16 == 0;
   job.rows_per_block = row_bytes > 0 ? std::max<int64_t>(1, kBlockBytes / row_bytes) : 1;
   return job;
