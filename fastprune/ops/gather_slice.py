@@ -263,7 +263,9 @@ def _check_out(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Seq
         expected = _new_output(t, r, c).shape
         torch._check(
             o.shape == expected,
-            lambda i=i, o=o, e=expected: f"gather_slice: output {i} has shape {o.shape}, not {e}",
+            lambda i=i, s=tuple(o.shape), e=tuple(expected): (
+                f"gather_slice: output {i} has shape {s}, not {e}"
+            ),
         )
         torch._check(
             o.dtype == t.dtype, lambda i=i: f"gather_slice: output {i} has another dtype than tensor {i}"

@@ -245,6 +245,11 @@ def test_compiles_with_fake_tensors():
     compiled = torch.compile(lambda t, r, c: gather_slice(t, r, c), fullgraph=True, backend="eager")
     for o, t, r, c in zip(compiled(tensors, rows, cols), tensors, rows, cols, strict=True):
         torch.testing.assert_close(o, reference(t, r, c), atol=0, rtol=0)
+    given = [torch.empty_like(reference(t, r, c)) for t, r, c in zip(tensors, rows, cols, strict=True)]
+    into = torch.compile(lambda t, r, c, o: gather_slice(t, r, c, out=o), fullgraph=True, backend="eager")
+    into(tensors, rows, cols, given)
+    for o, t, r, c in zip(given, tensors, rows, cols, strict=True):
+        torch.testing.assert_close(o, reference(t, r, c), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- bad arguments
