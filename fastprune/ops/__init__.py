@@ -7,6 +7,17 @@ from fastprune.ops.block_influence import (
 )
 from fastprune.ops.gather_slice import gather_slice, reference_gather_slice
 from fastprune.ops.head_taylor import head_taylor, head_taylor_accumulate_, reference_head_taylor
+from fastprune.ops.sparse24 import (
+    Sparse24Linear,
+    reference_sparse24_compress,
+    reference_sparse24_decompress,
+    reference_sparse24_mask,
+    reference_sparse24_matmul,
+    sparse24_compress,
+    sparse24_decompress,
+    sparse24_mask,
+    sparse24_matmul,
+)
 
 __all__ = [
     "block_influence",
@@ -17,4 +28,13 @@ __all__ = [
     "reference_block_influence",
     "reference_gather_slice",
     "reference_head_taylor",
+    "reference_sparse24_compress",
+    "reference_sparse24_decompress",
+    "reference_sparse24_mask",
+    "reference_sparse24_matmul",
+    "Sparse24Linear",
+    "sparse24_compress",
+    "sparse24_decompress",
+    "sparse24_mask",
+    "sparse24_matmul",
 ]

@@ -1,0 +1,526 @@
+"""sparse24: 2:4 semi-structured sparsity: choose, compress, decompress, and multiply by activations.
+
+Layout, shared by every backend. A weight ``[out, in]`` (``in % 4 == 0``) is cut into groups of 4 consecutive
+inputs; each group keeps 2 elements.
+
+- ``values`` ``[out, in/2]``, the weight's dtype: the kept elements of each group, lower position first.
+- ``meta`` ``[out, ceil(in/8)]`` uint8: one 4-bit nibble per group (bits 0-1: position 0..3 of the first kept
+  element, bits 2-3: of the second); group ``2b`` is the low nibble of byte ``b``, group ``2b+1`` the high
+  one (0 when the group count is odd). 4 bits per group: the metadata adds 1/8 byte per weight.
+
+Selection: in each group keep the 2 largest scores. The score is ``score`` (same shape as the weight, any
+float dtype) or ``|weight|`` by default, times ``act_norm[col]`` when that 1-D per-input-column tensor is
+given: ``act_norm = ||X||_2`` per input feature gives Wanda's ``|W| * ||X||``. NaN ranks above every number
+and equal scores keep the lower position, so the mask is deterministic and always exactly 2 of 4.
+
+Backends per op (``_BACKENDS[op][name]``, private; tests and benchmarks call them by name):
+
+- ``"cpu"``: C++ (``csrc/cpu/sparse24.cpp``): AVX-512 / AVX2 kernels chosen at run time; the product runs a
+  GEMV below 16 tokens and a register-blocked GEMM from 16 tokens.
+- ``"cuda"``: CUDA (``csrc/cuda/sparse24.cu``): mask, compress, decompress, and a GEMV for up to 8 tokens;
+  more tokens multiply the decompressed weight with cuBLAS (``F.linear``).
+- ``"triton"``: Triton (``kernels/sparse24.py``): decompress and the GEMV (decompress + ``F.linear`` past 8
+  tokens on a GPU); CPU tensors need ``TRITON_INTERPRET=1``.
+- ``"reference"``: plain PyTorch.
+
+Dispatch (``_pick_backend``): CPU -> Triton when ``TRITON_INTERPRET=1`` (tests) and the op has a Triton
+kernel, else C++, else the reference. CUDA -> the CUDA module, else Triton, else the reference. The CUDA
+module is preferred over Triton without a measurement: no GPU was available when they were written, so the
+choice must be confirmed by running ``benchmarks/bench_sparse24.py`` on a GPU (both are timed there, next to
+dense cuBLAS and the vendor 2:4 path ``to_vendor_sparse``).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastprune.ops import _native
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CUDA_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_GPU_GEMV_MAX_TOKENS = 8  # CUDA and Triton GEMV kernels; more tokens go to decompress + cuBLAS
+
+
+def meta_columns(in_features: int) -> int:
+    """Bytes of metadata per row for ``in_features`` inputs (one nibble per group of 4)."""
+    return (in_features // 4 + 1) // 2
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def reference_sparse24_mask(
+    weight: Tensor, score: Tensor | None = None, act_norm: Tensor | None = None
+) -> Tensor:
+    """Plain PyTorch: bool mask keeping the 2 highest-scoring of every 4 consecutive inputs."""
+    _check_weight("sparse24_mask", weight, score, act_norm)
+    s = _scores(weight, score, act_norm).view(weight.shape[0], weight.shape[1] // 4, 4)
+    si, sj = s.unsqueeze(-1), s.unsqueeze(-2)  # [..., i, 1] and [..., 1, j]: does j rank above i?
+    pos = torch.arange(4, device=weight.device)
+    j_first = pos[None, :] < pos[:, None]
+    ni, nj = si.isnan(), sj.isnan()
+    above = (sj > si) | ((sj == si) & j_first) | (nj & ~ni) | (nj & ni & j_first)
+    return (above.sum(-1) < 2).view(weight.shape)
+
+
+def reference_sparse24_compress(
+    weight: Tensor, score: Tensor | None = None, act_norm: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch: (values [out, in/2], meta [out, ceil(in/8)] uint8) of the 2:4-masked weight."""
+    mask = reference_sparse24_mask(weight, score, act_norm)
+    out, groups = weight.shape[0], weight.shape[1] // 4
+    # A stable sort of "not kept" puts the two kept positions first, in increasing order.
+    pos = torch.argsort((~mask).view(out, groups, 4).to(torch.int8), dim=-1, stable=True)[..., :2]
+    values = weight.view(out, groups, 4).gather(-1, pos).reshape(out, 2 * groups)
+    nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8)
+    if groups % 2:
+        nib = F.pad(nib, (0, 1))
+    meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+    return values.contiguous(), meta
+
+
+def reference_sparse24_decompress(values: Tensor, meta: Tensor) -> Tensor:
+    """Plain PyTorch: the dense [out, in] weight, zeros where pruned."""
+    _check_compressed("sparse24_decompress", values, meta)
+    out, groups = values.shape[0], values.shape[1] // 2
+    dense = values.new_zeros(out, groups, 4)
+    dense = dense.scatter(-1, _positions(meta, groups), values.reshape(out, groups, 2))
+    return dense.view(out, 4 * groups)
+
+
+def reference_sparse24_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Plain PyTorch: ``F.linear(x, decompress(values, meta), bias)``."""
+    _check_matmul(x, values, meta, bias)
+    return F.linear(x, reference_sparse24_decompress(values, meta), bias)
+
+
+def _scores(weight: Tensor, score: Tensor | None, act_norm: Tensor | None) -> Tensor:
+    s = weight.abs().float() if score is None else score.float()
+    return s if act_norm is None else s * act_norm.float()
+
+
+def _positions(meta: Tensor, groups: int) -> Tensor:
+    """[out, groups, 2] int64 kept positions (0..3) from the packed metadata."""
+    m = meta.to(torch.int64)
+    nib = torch.stack((m & 15, m >> 4), dim=-1).reshape(meta.shape[0], 2 * meta.shape[1])[:, :groups]
+    return torch.stack((nib & 3, nib >> 2), dim=-1)
+
+
+def _gather_kept(dense: Tensor, meta: Tensor) -> Tensor:
+    """A dense [out, in] tensor's entries at the kept positions, as [out, in/2] (decompress's adjoint)."""
+    out, groups = dense.shape[0], dense.shape[1] // 4
+    return dense.reshape(out, groups, 4).gather(-1, _positions(meta, groups)).reshape(out, 2 * groups)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_weight(op: str, weight: Tensor, score: Tensor | None, act_norm: Tensor | None) -> None:
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [out, in], got {weight.dim()}-D")
+    torch._check(
+        weight.dtype in _DTYPES,
+        lambda: f"{op}: weight must be float32, bfloat16 or float16, got {weight.dtype}",
+    )
+    torch._check(
+        weight.shape[1] % 4 == 0,
+        lambda: f"{op}: in_features ({weight.shape[1]}) must be divisible by 4 for 2:4 groups",
+    )
+    if score is not None:
+        torch._check(
+            score.shape == weight.shape,
+            lambda: f"{op}: score shape {tuple(score.shape)} must equal weight shape {tuple(weight.shape)}",
+        )
+        torch._check(score.dtype.is_floating_point, lambda: f"{op}: score must be a floating tensor")
+        torch._check(score.device == weight.device, lambda: f"{op}: score is on another device than weight")
+    if act_norm is not None:
+        torch._check(
+            act_norm.dim() == 1 and act_norm.shape[0] == weight.shape[1],
+            lambda: (
+                f"{op}: act_norm must be 1-D with in_features ({weight.shape[1]}) entries, "
+                f"got shape {tuple(act_norm.shape)}"
+            ),
+        )
+        torch._check(act_norm.dtype.is_floating_point, lambda: f"{op}: act_norm must be a floating tensor")
+        torch._check(
+            act_norm.device == weight.device, lambda: f"{op}: act_norm is on another device than weight"
+        )
+
+
+def _check_compressed(op: str, values: Tensor, meta: Tensor) -> None:
+    torch._check(values.dim() == 2, lambda: f"{op}: values must be 2-D [out, in/2], got {values.dim()}-D")
+    torch._check(
+        values.dtype in _DTYPES,
+        lambda: f"{op}: values must be float32, bfloat16 or float16, got {values.dtype}",
+    )
+    torch._check(
+        values.shape[1] % 2 == 0,
+        lambda: f"{op}: values has {values.shape[1]} columns; 2:4 needs in_features divisible by 4",
+    )
+    torch._check(
+        meta.dim() == 2 and meta.dtype == torch.uint8, lambda: f"{op}: meta must be a 2-D uint8 tensor"
+    )
+    expected = (values.shape[0], meta_columns(2 * values.shape[1]))
+    torch._check(
+        tuple(meta.shape) == expected,
+        lambda: (
+            f"{op}: meta shape {tuple(meta.shape)} does not match values {tuple(values.shape)} "
+            f"(expected {expected})"
+        ),
+    )
+    torch._check(meta.device == values.device, lambda: f"{op}: meta is on another device than values")
+
+
+def _check_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> None:
+    _check_compressed("sparse24_matmul", values, meta)
+    torch._check(x.dim() >= 1, lambda: "sparse24_matmul: x must have at least 1 dim")
+    torch._check(
+        x.shape[-1] == 2 * values.shape[1],
+        lambda: (
+            f"sparse24_matmul: x has {x.shape[-1]} features, the compressed weight has {2 * values.shape[1]}"
+        ),
+    )
+    torch._check(
+        x.dtype == values.dtype,
+        lambda: f"sparse24_matmul: x dtype {x.dtype} must equal values dtype {values.dtype}",
+    )
+    torch._check(x.device == values.device, lambda: "sparse24_matmul: x is on another device than values")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == values.shape[0],
+            lambda: (
+                f"sparse24_matmul: bias must be 1-D with {values.shape[0]} entries, got {tuple(bias.shape)}"
+            ),
+        )
+        torch._check(bias.dtype == x.dtype, lambda: "sparse24_matmul: bias dtype must equal x dtype")
+        torch._check(bias.device == x.device, lambda: "sparse24_matmul: bias is on another device than x")
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def _cpu_ops():
+    if not _native.cpu_extension("sparse24"):
+        raise RuntimeError("fastprune: the C++ CPU kernels for sparse24 are not built")
+    return torch.ops.fastprune_cpu
+
+
+def _cuda():
+    module = _native.cuda_module("sparse24")
+    if module is None:
+        raise RuntimeError("fastprune: the CUDA kernels for sparse24 are not built")
+    return module
+
+
+def _triton():
+    if not _native.triton_available():
+        raise RuntimeError("fastprune: triton is not installed")
+    from fastprune.kernels import sparse24
+
+    return sparse24
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _cuda_select(weight: Tensor, score: Tensor | None, act_norm: Tensor | None, mask: bool):
+    """Run the CUDA mask (``mask=True``) or compress kernel; score and act_norm in dtypes it reads."""
+    w = weight.contiguous()
+    s = None if score is None else (score if score.dtype in _DTYPES else score.float()).contiguous()
+    a = None if act_norm is None else act_norm.float().contiguous()
+    rows, cols = w.shape
+    common = [
+        w.data_ptr(),
+        w.numel(),
+        _CUDA_DTYPE_CODES[w.dtype],
+        0 if s is None else s.data_ptr(),
+        0 if s is None else s.numel(),
+        0 if s is None else _CUDA_DTYPE_CODES[s.dtype],
+        0 if a is None else a.data_ptr(),
+        0 if a is None else a.numel(),
+    ]
+    with torch.cuda.device(w.device):
+        if mask:
+            out = torch.empty(rows, cols, dtype=torch.bool, device=w.device)
+            _cuda().mask(*common, out.data_ptr(), out.numel(), rows, cols, _stream(w))
+            return out
+        values = w.new_empty(rows, cols // 2)
+        meta = torch.empty(rows, meta_columns(cols), dtype=torch.uint8, device=w.device)
+        _cuda().compress(
+            *common, values.data_ptr(), values.numel(), meta.data_ptr(), meta.numel(), rows, cols, _stream(w)
+        )
+        return values, meta
+
+
+def _cuda_decompress(values: Tensor, meta: Tensor) -> Tensor:
+    values, meta = values.contiguous(), meta.contiguous()
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    out = values.new_empty(rows, cols)
+    with torch.cuda.device(values.device):
+        _cuda().decompress(
+            values.data_ptr(),
+            values.numel(),
+            meta.data_ptr(),
+            meta.numel(),
+            out.data_ptr(),
+            out.numel(),
+            rows,
+            cols,
+            _CUDA_DTYPE_CODES[values.dtype],
+            _stream(values),
+        )
+    return out
+
+
+def _cuda_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    if x.shape[0] > _GPU_GEMV_MAX_TOKENS:
+        return F.linear(x, _cuda_decompress(values, meta), bias)
+    x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
+    b = None if bias is None else bias.contiguous()
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    y = x.new_empty(x.shape[0], rows)
+    with torch.cuda.device(x.device):
+        _cuda().gemv(
+            x.data_ptr(),
+            x.numel(),
+            values.data_ptr(),
+            values.numel(),
+            meta.data_ptr(),
+            meta.numel(),
+            0 if b is None else b.data_ptr(),
+            0 if b is None else b.numel(),
+            y.data_ptr(),
+            y.numel(),
+            x.shape[0],
+            rows,
+            cols,
+            _CUDA_DTYPE_CODES[x.dtype],
+            _stream(x),
+        )
+    return y
+
+
+def _triton_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    if x.is_cuda and x.shape[0] > _GPU_GEMV_MAX_TOKENS:
+        return F.linear(x, _triton().decompress(values, meta), bias)
+    return _triton().gemv(x, values, meta, bias)
+
+
+# Each op's backends: mask/compress (weight, score, act_norm), decompress (values, meta),
+# matmul (x [tokens, in], values, meta, bias) -> [tokens, out]. Arguments are checked already.
+_BACKENDS: dict[str, dict[str, Callable]] = {
+    "mask": {
+        "reference": reference_sparse24_mask,
+        "cpu": lambda w, s, a: _cpu_ops().sparse24_mask(w, s, a),
+        "cuda": lambda w, s, a: _cuda_select(w, s, a, mask=True),
+    },
+    "compress": {
+        "reference": reference_sparse24_compress,
+        "cpu": lambda w, s, a: tuple(_cpu_ops().sparse24_compress(w, s, a)),
+        "cuda": lambda w, s, a: _cuda_select(w, s, a, mask=False),
+    },
+    "decompress": {
+        "reference": reference_sparse24_decompress,
+        "cpu": lambda v, m: _cpu_ops().sparse24_decompress(v, m),
+        "cuda": _cuda_decompress,
+        "triton": lambda v, m: _triton().decompress(v, m),
+    },
+    "matmul": {
+        "reference": reference_sparse24_matmul,
+        "cpu": lambda x, v, m, b: _cpu_ops().sparse24_matmul(x, v, m, b),
+        "cuda": _cuda_matmul,
+        "triton": _triton_matmul,
+    },
+}
+
+
+def _pick_backend(op: str, device: torch.device) -> str:
+    has_triton = "triton" in _BACKENDS[op]
+    if device.type == "cpu":
+        if has_triton and _native.use_triton_on_cpu():
+            return "triton"
+        return "cpu" if _native.cpu_extension("sparse24") else "reference"
+    if device.type == "cuda":
+        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_sparse24.py on a GPU.
+        if _native.cuda_module("sparse24") is not None:
+            return "cuda"
+        if has_triton and _native.triton_available():
+            return "triton"
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastprune::sparse24_mask", mutates_args=())
+def _mask_op(weight: Tensor, score: Tensor | None, act_norm: Tensor | None) -> Tensor:
+    _check_weight("sparse24_mask", weight, score, act_norm)
+    return _BACKENDS["mask"][_pick_backend("mask", weight.device)](weight, score, act_norm)
+
+
+@_mask_op.register_fake
+def _(weight, score, act_norm):
+    _check_weight("sparse24_mask", weight, score, act_norm)
+    return weight.new_empty(weight.shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("fastprune::sparse24_compress", mutates_args=())
+def _compress_op(weight: Tensor, score: Tensor | None, act_norm: Tensor | None) -> tuple[Tensor, Tensor]:
+    _check_weight("sparse24_compress", weight, score, act_norm)
+    return _BACKENDS["compress"][_pick_backend("compress", weight.device)](weight, score, act_norm)
+
+
+@_compress_op.register_fake
+def _(weight, score, act_norm):
+    _check_weight("sparse24_compress", weight, score, act_norm)
+    rows, cols = weight.shape
+    return weight.new_empty(rows, cols // 2), weight.new_empty(rows, meta_columns(cols), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fastprune::sparse24_decompress", mutates_args=())
+def _decompress_op(values: Tensor, meta: Tensor) -> Tensor:
+    _check_compressed("sparse24_decompress", values, meta)
+    return _BACKENDS["decompress"][_pick_backend("decompress", values.device)](values, meta)
+
+
+@_decompress_op.register_fake
+def _(values, meta):
+    _check_compressed("sparse24_decompress", values, meta)
+    return values.new_empty(values.shape[0], 2 * values.shape[1])
+
+
+def _decompress_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _decompress_backward(ctx, grad):
+    (meta,) = ctx.saved_tensors
+    return _gather_kept(grad, meta), None
+
+
+_decompress_op.register_autograd(_decompress_backward, setup_context=_decompress_setup)
+
+
+@torch.library.custom_op("fastprune::sparse24_matmul", mutates_args=())
+def _matmul_op(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    _check_matmul(x, values, meta, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x2, values, meta, bias)
+    return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+@_matmul_op.register_fake
+def _(x, values, meta, bias):
+    _check_matmul(x, values, meta, bias)
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def _matmul_setup(ctx, inputs, output) -> None:
+    x, values, meta, bias = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.has_bias = bias is not None
+
+
+def _matmul_backward(ctx, grad):
+    # The mask is fixed: values get the dense weight gradient at the kept positions only.
+    x, values, meta = ctx.saved_tensors
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ _decompress_op(values, meta)
+    if ctx.needs_input_grad[1]:
+        grad_values = _gather_kept(g2.t() @ x.reshape(-1, x.shape[-1]), meta)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = g2.sum(0)
+    return grad_x, grad_values, None, grad_bias
+
+
+_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def sparse24_mask(weight: Tensor, score: Tensor | None = None, *, act_norm: Tensor | None = None) -> Tensor:
+    """Bool mask of ``weight`` [out, in] keeping the 2 highest scores of every 4 consecutive inputs."""
+    return _mask_op(weight, score, act_norm)
+
+
+def sparse24_compress(
+    weight: Tensor, score: Tensor | None = None, *, act_norm: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """2:4-prune ``weight`` [out, in] and return ``(values [out, in/2], meta [out, ceil(in/8)] uint8)``."""
+    return _compress_op(weight, score, act_norm)
+
+
+def sparse24_decompress(values: Tensor, meta: Tensor, in_features: int | None = None) -> Tensor:
+    """The dense [out, in] weight of a compressed one, zeros where pruned (``in_features`` is checked)."""
+    if in_features is not None:
+        torch._check(
+            in_features == 2 * values.shape[1],
+            lambda: (
+                f"sparse24_decompress: in_features {in_features} does not match values "
+                f"({values.shape[1]} columns hold {2 * values.shape[1]} inputs)"
+            ),
+        )
+    return _decompress_op(values, meta)
+
+
+def sparse24_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [..., in] @ W^T (+ bias)`` for a 2:4-compressed ``W`` (``nn.Linear`` semantics, fp32 sums)."""
+    return _matmul_op(x, values, meta, bias)
+
+
+def vendor_sparse_available(device: torch.device | str) -> bool:
+    """True where ``torch.sparse.to_sparse_semi_structured`` runs: a CUDA GPU of compute capability 8.0+."""
+    device = torch.device(device)
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and hasattr(torch.sparse, "to_sparse_semi_structured")
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+def to_vendor_sparse(values: Tensor, meta: Tensor) -> Tensor:
+    """The weight as torch's semi-structured sparse tensor (vendor 2:4 kernels), for ``F.linear(x, w)``."""
+    if not vendor_sparse_available(values.device):
+        raise RuntimeError(
+            "sparse24: torch's semi-structured sparsity needs a CUDA GPU of compute capability 8.0+"
+        )
+    return torch.sparse.to_sparse_semi_structured(sparse24_decompress(values, meta))
+
+
+class Sparse24Linear(torch.nn.Module):
+    """``nn.Linear`` with a 2:4-compressed weight: ``values`` train, the mask (``meta``) stays fixed."""
+
+    def __init__(self, values: Tensor, meta: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        _check_compressed("Sparse24Linear", values, meta)
+        self.in_features, self.out_features = 2 * values.shape[1], values.shape[0]
+        self.values = torch.nn.Parameter(values)
+        self.register_buffer("meta", meta)
+        self.bias = None if bias is None else torch.nn.Parameter(bias)
+
+    @classmethod
+    def from_linear(
+        cls, linear: torch.nn.Linear, score: Tensor | None = None, *, act_norm: Tensor | None = None
+    ) -> "Sparse24Linear":
+        """2:4-prune a linear layer's weight (by ``|W|``, a score, or Wanda's ``act_norm``)."""
+        values, meta = sparse24_compress(linear.weight.detach(), score, act_norm=act_norm)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(values, meta, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse24_matmul(x, self.values, self.meta, self.bias)
+
+    def dense_weight(self) -> Tensor:
+        """The dense [out, in] weight with zeros where pruned."""
+        return sparse24_decompress(self.values, self.meta)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
