@@ -5,7 +5,8 @@ and sorted (what pruning produces). Per case:
 
 - ``time_s``: ``gather_slice`` (pytest-benchmark median), returning fresh outputs like every real call;
 - ``into_s``: ``gather_slice(..., out=...)`` into existing outputs: the copy alone, without the page faults of
-  fresh memory (large outputs are new pages from the kernel each call, which costs about as much as the copy);
+  fresh memory (outputs over 32 MiB are new pages from the OS on every call: that costs about as much as the
+  copy, and several times more in a VM that reports freed pages to its host);
 - ``gbps``: bytes read + written (2x the output) per second of ``time_s``;
 - ``pct_memcpy`` / ``pct_memcpy_into``: a copy of the output's bytes into an existing buffer, as a percentage
   of ``time_s`` / ``into_s``;
