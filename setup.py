@@ -32,7 +32,8 @@ class NvccExtension(Extension):
     """A pybind11 module compiled from one .cu file by nvcc."""
 
     def __init__(self, name: str, source: str):
-        super().__init__(name, sources=[source])
+        # No sources for setuptools: torch's BuildExtension refuses any .cu source without a CUDA torch.
+        super().__init__(name, sources=[])
         self.cu_source = source
 
 
