@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -50,22 +51,39 @@ int64_t meta_cols(int64_t in) { return (in / 4 + 1) / 2; }
 
 // ---------------------------------------------------------------- selection
 
-// True when score a (at position ia) ranks above score b (at ib): NaN first, then larger, then lower index.
-inline bool ranks_above(float a, int ia, float b, int ib) {
-  const bool an = std::isnan(a), bn = std::isnan(b);
-  if (an || bn) return an && (!bn || ia < ib);
-  return a > b || (a == b && ia < ib);
+// Scores as int32 keys in the selection order: numbers ascending with -0 == +0, every NaN above +inf.
+inline int32_t order_key(float s) {
+  s += 0.0f;  // -0 -> +0
+  int32_t bits;
+  std::memcpy(&bits, &s, 4);
+  const int32_t key = bits ^ ((bits >> 31) & 0x7FFFFFFF);  // flip negatives so integer order = float order
+  return (bits & 0x7FFFFFFF) > 0x7F800000 ? INT32_MAX : key;
 }
 
-// The nibble (first kept position | second << 2) of one group of 4 scores.
-inline uint8_t select_group(const float* s) {
-  int kept[2], n = 0;
-  for (int i = 0; i < 4; ++i) {
-    int above = 0;
-    for (int j = 0; j < 4; ++j) above += (j != i) && ranks_above(s[j], j, s[i], i);
-    if (above < 2) kept[n++] = i;
+// Nibble (first kept | second << 2) for each outcome of the 6 comparisons "position i ranks above position
+// j" (i < j; bit order 01, 02, 03, 12, 13, 23). Equal keys rank the lower position first.
+struct SelectTable {
+  uint8_t nibble[64];
+  SelectTable() {
+    const int pairs[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+    for (int bitsv = 0; bitsv < 64; ++bitsv) {
+      int above[4] = {0, 0, 0, 0};  // how many positions rank above each one
+      for (int k = 0; k < 6; ++k) ++above[(bitsv >> k) & 1 ? pairs[k][1] : pairs[k][0]];
+      int kept[2] = {0, 0}, n = 0;
+      for (int i = 0; i < 4 && n < 2; ++i)
+        if (above[i] < 2) kept[n++] = i;
+      nibble[bitsv] = static_cast<uint8_t>(kept[0] | (kept[1] << 2));
+    }
   }
-  return static_cast<uint8_t>(kept[0] | (kept[1] << 2));
+};
+const SelectTable kSelect;
+
+// The nibble of one group of 4 scores: the 2 highest keys, ties to the lower position. Branch-free.
+inline uint8_t select_group(const float* s) {
+  const int32_t k0 = order_key(s[0]), k1 = order_key(s[1]), k2 = order_key(s[2]), k3 = order_key(s[3]);
+  const int bitsv = (k0 >= k1) | (k0 >= k2) << 1 | (k0 >= k3) << 2 | (k1 >= k2) << 3 | (k1 >= k3) << 4 |
+                    (k2 >= k3) << 5;
+  return kSelect.nibble[bitsv];
 }
 
 inline uint8_t group_nibble(const uint8_t* meta_row, int64_t g) {

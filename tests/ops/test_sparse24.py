@@ -129,6 +129,19 @@ def test_ties_keep_the_lower_position_and_nan_ranks_first():
         assert mask.tolist() == expected, backend
 
 
+def test_signed_and_infinite_scores():
+    inf, nan = math.inf, math.nan
+    score = torch.tensor(
+        [[-0.0, 0.0, -1.0, -inf, inf, nan, inf, 1.0, -inf, -inf, -inf, -inf, -3, -1, -2, -4]]
+    )
+    expected = [[True, True, False, False, True, True, False, False, True, True, False, False]]
+    expected[0] += [False, True, True, False]
+    w = torch.ones(1, 16)
+    for backend in ["reference"] + (["cpu"] if CPU_BUILT else []):
+        assert s24._BACKENDS["mask"][backend](w, score, None).tolist() == expected, backend
+    assert reference_mask(w, score).tolist() == expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_reference_mask_matches_sort_definition(dtype, ties):
