@@ -12,38 +12,54 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 // The hot loops are written with GCC vector extensions (8 x fp32), which compile to SSE2 pairs on the baseline
 // ISA (setup.py passes no -march) and to single AVX2 instructions in the AVX2+FMA variant chosen at run time.
 // Auto-vectorisation proved fragile here (GCC turned one of these reductions into in-order scalar adds).
-// FP_INLINE forces the shared bodies into each variant so they get that variant's ISA.
+// FP_INLINE forces the shared bodies into each variant so they get that variant's ISA. fp16 goes through
+// small fp32 tiles converted by F16C where the CPU has it (a branch-free bit-level decode otherwise, about 3x
+// slower): intrinsics cannot be inlined into the shared bodies, whose ISA is not fixed where they are written.
 #define FP_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FP_MULTIVERSION 1
 #define FP_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FP_TARGET_F16C __attribute__((target("avx,f16c")))
+#include <immintrin.h>
 #endif
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only live inside always-inlined functions
 
 namespace {
+
+#ifdef FP_MULTIVERSION
+// FASTPRUNE_CPU_BASELINE=1 keeps to the baseline code paths, so that tests can check them on any CPU.
+bool baseline_only() {
+  const char* v = std::getenv("FASTPRUNE_CPU_BASELINE");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = !baseline_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+bool cpu_has_f16c() {
+  static const bool ok = !baseline_only() && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
 
 constexpr double kEps = 1e-8;  // F.cosine_similarity's default eps
 // Elements per fp32 run before flushing into fp64 (each of the 16 lanes adds kFlush / 16 values).
 constexpr int64_t kFlush = 4096;
 // Below this many elements per thread, threading costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 1 << 17;
+// fp16 values converted to fp32 per tile (two tiles live on the stack).
+constexpr int64_t kHalfTile = 512;
 // Leading (token) dimensions handled after coalescing.
 constexpr int kMaxTokenDims = 8;
-
-bool cpu_has_avx2() {
-#ifdef FP_MULTIVERSION
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 using f32x8 = float __attribute__((vector_size(32)));
 using u32x8 = uint32_t __attribute__((vector_size(32)));
@@ -62,7 +78,19 @@ FP_INLINE u32x8 load8_bits_high(const void* p) {  // 8 x 16-bit values placed in
   return __builtin_convertvector(h, u32x8) << 16;
 }
 
-FP_INLINE f32x8 load8(const at::BFloat16* p) { return reinterpret_cast<f32x8>(load8_bits_high(p)); }
+// 16 values as two vectors, in an order that only reductions may use: contiguous halves for fp32; even and
+// odd elements for bf16 (two values per 32-bit lane: a mask and a shift, no widening).
+FP_INLINE void load16(const float* p, f32x8& a, f32x8& b) {
+  a = load8(p);
+  b = load8(p + 8);
+}
+
+FP_INLINE void load16(const at::BFloat16* p, f32x8& a, f32x8& b) {
+  u32x8 pairs;
+  std::memcpy(&pairs, p, sizeof(pairs));
+  a = reinterpret_cast<f32x8>(pairs << 16);
+  b = reinterpret_cast<f32x8>(pairs & 0xFFFF0000u);
+}
 
 FP_INLINE f32x8 load8(const at::Half* p) {
   // IEEE half -> float on integer lanes: rebias normal numbers by scaling, rebuild subnormals with a magic
@@ -72,9 +100,39 @@ FP_INLINE f32x8 load8(const at::Half* p) {
   const u32x8 two_w = w + w;
   const f32x8 normal = reinterpret_cast<f32x8>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   const f32x8 denormal = reinterpret_cast<f32x8>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const u32x8 is_denormal = reinterpret_cast<u32x8>(reinterpret_cast<i32x8>(two_w >> 1) < (1 << 26));
+  // all ones where two_w >> 1 < 2^26 (a subnormal); a shift, not a compare, which SSE2 would scalarise
+  const u32x8 is_denormal = reinterpret_cast<u32x8>((reinterpret_cast<i32x8>(two_w >> 1) - (1 << 26)) >> 31);
   return reinterpret_cast<f32x8>(sign | (reinterpret_cast<u32x8>(denormal) & is_denormal) |
                                  (reinterpret_cast<u32x8>(normal) & ~is_denormal));
+}
+
+// fp16 -> fp32 of n values, one function per ISA (see the top of the file).
+void half_to_float_generic(const at::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const f32x8 v = load8(src + j);
+    std::memcpy(dst + j, &v, sizeof(v));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+#ifdef FP_MULTIVERSION
+FP_TARGET_F16C void half_to_float_f16c(const at::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+#endif
+
+using HalfToFloat = void (*)(const at::Half*, float*, int64_t);
+
+HalfToFloat half_to_float() {
+#ifdef FP_MULTIVERSION
+  if (cpu_has_f16c()) return half_to_float_f16c;
+#endif
+  return half_to_float_generic;
 }
 
 FP_INLINE double hsum(const f32x8& v) {
@@ -83,17 +141,25 @@ FP_INLINE double hsum(const f32x8& v) {
   return s;
 }
 
-// cos(x, y) over n contiguous elements.
+// Dot product and squared norms of one token.
+struct Dots {
+  double xy = 0.0;
+  double xx = 0.0;
+  double yy = 0.0;
+};
+
+// Dots over n contiguous elements.
 template <typename T>
-FP_INLINE double token_cosine(const T* __restrict x, const T* __restrict y, int64_t n) {
-  double dot = 0.0, xx = 0.0, yy = 0.0;
+FP_INLINE Dots token_dots(const T* __restrict x, const T* __restrict y, int64_t n) {
+  Dots out;
   for (int64_t start = 0; start < n; start += kFlush) {
     const int64_t stop = std::min(n, start + kFlush);
     f32x8 d0 = {}, d1 = {}, a0 = {}, a1 = {}, b0 = {}, b1 = {};  // two chains each, to hide add latency
     int64_t j = start;
     for (; j + 16 <= stop; j += 16) {
-      const f32x8 x0 = load8(x + j), x1 = load8(x + j + 8);
-      const f32x8 y0 = load8(y + j), y1 = load8(y + j + 8);
+      f32x8 x0, x1, y0, y1;
+      load16(x + j, x0, x1);
+      load16(y + j, y0, y1);
       d0 += x0 * y0;
       d1 += x1 * y1;
       a0 += x0 * x0;
@@ -101,18 +167,42 @@ FP_INLINE double token_cosine(const T* __restrict x, const T* __restrict y, int6
       b0 += y0 * y0;
       b1 += y1 * y1;
     }
-    dot += hsum(d0 + d1);
-    xx += hsum(a0 + a1);
-    yy += hsum(b0 + b1);
+    out.xy += hsum(d0 + d1);
+    out.xx += hsum(a0 + a1);
+    out.yy += hsum(b0 + b1);
     for (; j < stop; ++j) {
       const float xv = static_cast<float>(x[j]);
       const float yv = static_cast<float>(y[j]);
-      dot += xv * yv;
-      xx += xv * xv;
-      yy += yv * yv;
+      out.xy += xv * yv;
+      out.xx += xv * xv;
+      out.yy += yv * yv;
     }
   }
-  return dot / (std::max(std::sqrt(xx), kEps) * std::max(std::sqrt(yy), kEps));
+  return out;
+}
+
+// fp16: the fp32 sums over tiles converted to fp32.
+FP_INLINE Dots token_dots(const at::Half* __restrict x, const at::Half* __restrict y, int64_t n) {
+  const HalfToFloat convert = half_to_float();
+  alignas(64) float xf[kHalfTile], yf[kHalfTile];
+  Dots out;
+  for (int64_t start = 0; start < n; start += kHalfTile) {
+    const int64_t len = std::min(kHalfTile, n - start);
+    convert(x + start, xf, len);
+    convert(y + start, yf, len);
+    const Dots tile = token_dots(xf, yf, len);
+    out.xy += tile.xy;
+    out.xx += tile.xx;
+    out.yy += tile.yy;
+  }
+  return out;
+}
+
+// cos(x, y) over n contiguous elements, with F.cosine_similarity's eps rule.
+template <typename T>
+FP_INLINE double token_cosine(const T* __restrict x, const T* __restrict y, int64_t n) {
+  const Dots d = token_dots(x, y, n);
+  return d.xy / (std::max(std::sqrt(d.xx), kEps) * std::max(std::sqrt(d.yy), kEps));
 }
 
 // Where token n starts in x and y: leading dims with their own strides, walked like an odometer.

@@ -12,30 +12,44 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 // The hot loops are written with GCC vector extensions (8 x fp32), which compile to SSE2 pairs on the baseline
 // ISA (setup.py passes no -march) and to single AVX2 instructions in the AVX2+FMA variant chosen at run time.
 // Auto-vectorisation proved fragile here (GCC turned one of these reductions into in-order scalar adds).
-// FP_INLINE forces the shared bodies into each variant so they get that variant's ISA.
+// FP_INLINE forces the shared bodies into each variant so they get that variant's ISA. fp16 goes through
+// small fp32 tiles converted by F16C where the CPU has it (a branch-free bit-level decode otherwise, about 3x
+// slower): intrinsics cannot be inlined into the shared bodies, whose ISA is not fixed where they are written.
 #define FP_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FP_MULTIVERSION 1
 #define FP_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FP_TARGET_F16C __attribute__((target("avx,f16c")))
+#include <immintrin.h>
 #endif
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only live inside always-inlined functions
 
 namespace {
 
-bool cpu_has_avx2() {
 #ifdef FP_MULTIVERSION
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
+// FASTPRUNE_CPU_BASELINE=1 keeps to the baseline code paths, so that tests can check them on any CPU.
+bool baseline_only() {
+  const char* v = std::getenv("FASTPRUNE_CPU_BASELINE");
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
+
+bool cpu_has_avx2() {
+  static const bool ok = !baseline_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+bool cpu_has_f16c() {
+  static const bool ok = !baseline_only() && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
 
 // Elements per fp32 run before flushing into fp64 (each of the 16 lanes adds kFlush / 16 values).
 constexpr int64_t kFlush = 4096;
@@ -43,6 +57,8 @@ constexpr int64_t kFlush = 4096;
 constexpr int64_t kRowBlock = 128;
 // Below this many elements per thread, threading costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 1 << 17;
+// fp16 values converted to fp32 per tile (two tiles live on the stack).
+constexpr int64_t kHalfTile = 512;
 
 using f32x8 = float __attribute__((vector_size(32)));
 using u32x8 = uint32_t __attribute__((vector_size(32)));
@@ -63,6 +79,20 @@ FP_INLINE u32x8 load8_bits_high(const void* p) {  // 8 x 16-bit values placed in
 
 FP_INLINE f32x8 load8(const at::BFloat16* p) { return reinterpret_cast<f32x8>(load8_bits_high(p)); }
 
+// 16 values as two vectors, in an order that only reductions may use: contiguous halves for fp32; even and
+// odd elements for bf16 (two values per 32-bit lane: a mask and a shift, no widening).
+FP_INLINE void load16(const float* p, f32x8& a, f32x8& b) {
+  a = load8(p);
+  b = load8(p + 8);
+}
+
+FP_INLINE void load16(const at::BFloat16* p, f32x8& a, f32x8& b) {
+  u32x8 pairs;
+  std::memcpy(&pairs, p, sizeof(pairs));
+  a = reinterpret_cast<f32x8>(pairs << 16);
+  b = reinterpret_cast<f32x8>(pairs & 0xFFFF0000u);
+}
+
 FP_INLINE f32x8 load8(const at::Half* p) {
   // IEEE half -> float on integer lanes: rebias normal numbers by scaling, rebuild subnormals with a magic
   // number, and pick between them with a lane mask (no branches).
@@ -71,9 +101,39 @@ FP_INLINE f32x8 load8(const at::Half* p) {
   const u32x8 two_w = w + w;
   const f32x8 normal = reinterpret_cast<f32x8>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   const f32x8 denormal = reinterpret_cast<f32x8>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const u32x8 is_denormal = reinterpret_cast<u32x8>(reinterpret_cast<i32x8>(two_w >> 1) < (1 << 26));
+  // all ones where two_w >> 1 < 2^26 (a subnormal); a shift, not a compare, which SSE2 would scalarise
+  const u32x8 is_denormal = reinterpret_cast<u32x8>((reinterpret_cast<i32x8>(two_w >> 1) - (1 << 26)) >> 31);
   return reinterpret_cast<f32x8>(sign | (reinterpret_cast<u32x8>(denormal) & is_denormal) |
                                  (reinterpret_cast<u32x8>(normal) & ~is_denormal));
+}
+
+// fp16 -> fp32 of n values, one function per ISA (see the top of the file).
+void half_to_float_generic(const at::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const f32x8 v = load8(src + j);
+    std::memcpy(dst + j, &v, sizeof(v));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+#ifdef FP_MULTIVERSION
+FP_TARGET_F16C void half_to_float_f16c(const at::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+#endif
+
+using HalfToFloat = void (*)(const at::Half*, float*, int64_t);
+
+HalfToFloat half_to_float() {
+#ifdef FP_MULTIVERSION
+  if (cpu_has_f16c()) return half_to_float_f16c;
+#endif
+  return half_to_float_generic;
 }
 
 FP_INLINE f32x8 abs8(const f32x8& v) { return reinterpret_cast<f32x8>(reinterpret_cast<u32x8>(v) & 0x7FFFFFFFu); }
@@ -98,8 +158,11 @@ FP_INLINE Sums row_sums(const T* __restrict w, const T* __restrict g, int64_t n)
     f32x8 a0 = {}, a1 = {}, s0 = {}, s1 = {};  // two chains each, to hide add latency
     int64_t j = start;
     for (; j + 16 <= stop; j += 16) {
-      const f32x8 p0 = load8(w + j) * load8(g + j);
-      const f32x8 p1 = load8(w + j + 8) * load8(g + j + 8);
+      f32x8 w0, w1, g0, g1;
+      load16(w + j, w0, w1);
+      load16(g + j, g0, g1);
+      const f32x8 p0 = w0 * g0;
+      const f32x8 p1 = w1 * g1;
       a0 += abs8(p0);
       a1 += abs8(p1);
       s0 += p0 * p0;
@@ -112,6 +175,22 @@ FP_INLINE Sums row_sums(const T* __restrict w, const T* __restrict g, int64_t n)
       out.abs += std::fabs(p);
       out.sq += p * p;
     }
+  }
+  return out;
+}
+
+// fp16: the fp32 sums over tiles converted to fp32.
+FP_INLINE Sums row_sums(const at::Half* __restrict w, const at::Half* __restrict g, int64_t n) {
+  const HalfToFloat convert = half_to_float();
+  alignas(64) float wf[kHalfTile], gf[kHalfTile];
+  Sums out;
+  for (int64_t start = 0; start < n; start += kHalfTile) {
+    const int64_t len = std::min(kHalfTile, n - start);
+    convert(w + start, wf, len);
+    convert(g + start, gf, len);
+    const Sums tile = row_sums(wf, gf, len);
+    out.abs += tile.abs;
+    out.sq += tile.sq;
   }
   return out;
 }
@@ -132,6 +211,19 @@ FP_INLINE void add_row(const T* __restrict w, const T* __restrict g, int64_t n, 
     const float p = static_cast<float>(w[j]) * static_cast<float>(g[j]);
     a[j] += std::fabs(p);
     s[j] += p * p;
+  }
+}
+
+// fp16: tiles converted to fp32 first.
+FP_INLINE void add_row(const at::Half* __restrict w, const at::Half* __restrict g, int64_t n, float* __restrict a,
+                       float* __restrict s) {
+  const HalfToFloat convert = half_to_float();
+  alignas(64) float wf[kHalfTile], gf[kHalfTile];
+  for (int64_t start = 0; start < n; start += kHalfTile) {
+    const int64_t len = std::min(kHalfTile, n - start);
+    convert(w + start, wf, len);
+    convert(g + start, gf, len);
+    add_row(wf, gf, len, a + start, s + start);
   }
 }
 
