@@ -13,7 +13,8 @@ still counts as a token. An empty hidden dim (D = 0) likewise gives cos 0 per to
 Backends (``_BACKENDS``, private; tests and benchmarks call them directly by name), each adding into accum:
 
 - ``"cpu"``: C++ kernel (``csrc/cpu/block_influence.cpp``), one parallel pass; walks strided views (hooks may
-  hand them) in place when the hidden dim has unit stride.
+  hand them) in place when the hidden dim has unit stride. AVX2/F16C code is picked at run time;
+  ``FASTPRUNE_CPU_BASELINE=1`` keeps to the baseline-ISA code (tests check it).
 - ``"cuda"``: CUDA kernel (``csrc/cuda/block_influence.cu``), one launch per call.
 - ``"triton"``: Triton kernel (``kernels/block_influence.py``); CPU tensors need ``TRITON_INTERPRET=1``.
 - ``"reference"``: ``F.cosine_similarity`` in fp64.

@@ -11,7 +11,8 @@ batches.
 Backends (``_BACKENDS``, private; tests and benchmarks call them directly by name), each adding into scores:
 
 - ``"cpu"``: C++ kernel (``csrc/cpu/head_taylor.cpp``), one parallel pass; reads strided rows and transposed
-  weights in place.
+  weights in place. AVX2/F16C code is picked at run time; ``FASTPRUNE_CPU_BASELINE=1`` keeps to the
+  baseline-ISA code (tests check it).
 - ``"cuda"``: CUDA kernel (``csrc/cuda/head_taylor.cu``), one launch per call.
 - ``"triton"``: Triton kernel (``kernels/head_taylor.py``); CPU tensors need ``TRITON_INTERPRET=1``.
 - ``"reference"``: plain PyTorch in fp64 (materialises ``w*g``).
