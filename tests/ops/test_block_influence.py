@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastprune.ops import block_influence, block_influence_accumulate_, reference_block_influence
 
@@ -295,6 +296,15 @@ def test_compiles_with_fake_tensors():
 
     compiled = torch.compile(both, fullgraph=True, backend="eager")
     assert_matches(compiled(x, y) / 2, reference(x, y))
+
+
+def test_public_api_under_fake_tensor_mode():
+    """Eager calls skip the op's dispatch; anything traced (here fake tensors) must go through the op."""
+    with FakeTensorMode():
+        x, y = torch.empty(3, 5, 8, dtype=torch.float16), torch.empty(3, 5, 8, dtype=torch.float16)
+        accum = block_influence(x, y)
+        block_influence_accumulate_(accum, x, y)
+    assert accum.shape == (2,) and accum.dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------- bad arguments

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastprune.ops import head_taylor, head_taylor_accumulate_, reference_head_taylor
 
@@ -291,6 +292,15 @@ def test_compiles_with_fake_tensors():
 
     compiled = torch.compile(both, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(w, g), 2 * reference(w, g, 1, 5), **TOL)
+
+
+def test_public_api_under_fake_tensor_mode():
+    """Eager calls skip the op's dispatch; anything traced (here fake tensors) must go through the op."""
+    with FakeTensorMode():
+        w, g = torch.empty(12, 20, dtype=torch.bfloat16), torch.empty(12, 20, dtype=torch.bfloat16)
+        scores = head_taylor(w, g, dim=1, group_size=5)
+        head_taylor_accumulate_(scores, w, g, dim=1, group_size=5)
+    assert scores.shape == (2, 4) and scores.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- bad arguments
