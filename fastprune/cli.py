@@ -25,7 +25,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_calibration(p: argparse.ArgumentParser) -> None:
+def _add_reconstruction(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reconstruction")
+    g.add_argument(
+        "--no-reconstruct",
+        action="store_true",
+        help="only slice: do not refit the output projections of cut layers by least squares on calibration text",
+    )
+    g.add_argument("--damping", type=float, default=0.01, help="ridge term of the least-squares refit (default 0.01)")
+
+
+def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument(
         "--calibration",
@@ -36,6 +46,8 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
+    if not scoring:
+        return
     g.add_argument("--criterion", choices=CRITERIA, default="taylor", help="importance criterion (default taylor)")
     g.add_argument(
         "--layer-criterion",
@@ -116,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_calibration(p)
     _add_planning(p)
+    _add_reconstruction(p)
     p.add_argument("--plan", type=Path, help="apply this plan.json instead of scoring and planning")
     p.add_argument(
         "--compare",
@@ -143,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="apply a plan.json to a model and save it", description="Cut a model by a plan.")
     _add_model(p)
     p.add_argument("--plan", required=True, type=Path, help="plan.json from `fastprune plan` (or hand-edited)")
+    _add_calibration(p, scoring=False)
+    _add_reconstruction(p)
     _add_eval(p)
     _add_output(p, "the pruned model directory")
 
@@ -169,6 +184,8 @@ def _pruning_config(args, calibration: bool = True) -> PruningConfig:
             "layer_criterion": args.layer_criterion,
             "seed": args.seed,
             "calibration": CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+            "reconstruct": not args.no_reconstruct,
+            "damping": args.damping,
         }
     return PruningConfig(
         head_ratio=args.head_ratio,
@@ -287,7 +304,12 @@ def _cmd_apply(args) -> None:
     loaded = load_source(args.model)
     check_output_dir(args.out, list(loaded.inputs), args.overwrite)
     eval_config = None if args.no_eval else _eval_config(args)
-    result = prune(loaded.model, PruningConfig(), tokenizer=loaded.tokenizer, plan=plan, evaluation=eval_config)
+    config = PruningConfig(
+        reconstruct=not args.no_reconstruct,
+        damping=args.damping,
+        calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+    )
+    result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan, evaluation=eval_config)
     out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), None, loaded.name, args.overwrite)
     _print_summary(plan)
     if result.report is not None:

@@ -55,8 +55,15 @@ class PruningConfig:
 
     Ratios are fractions of each granularity to remove: ``head_ratio`` of the query heads (of the KV groups when
     ``gqa="kv_groups"``), ``channel_ratio`` of the MLP channels, ``layer_ratio`` of the layers. Alternatively
-    ``target_params`` asks for a fraction of the non-embedding parameters to be removed, spread over
-    ``granularities`` with one shared ratio.
+    ``target_params`` asks for a fraction of the non-embedding parameters to be removed: the planner then takes
+    the units of ``granularities`` with the lowest score per parameter until the target is met, so it chooses the
+    mix of heads and channels itself (meaningful when the criterion's scores are comparable across unit kinds,
+    as loss estimates are: taylor, fisher, sensitivity). ``granularities=("layers",)`` drops whole layers instead.
+    With ``ranking="per_layer"`` every unprotected layer is cut alike, so the result keeps a plain config.
+
+    With ``reconstruct`` the output projections that read the removed heads and channels are refit by least
+    squares on the calibration activations (see fastprune.reconstruction), ``damping`` being the ridge term
+    relative to the mean input energy.
     """
 
     criterion: str = "taylor"
@@ -72,6 +79,8 @@ class PruningConfig:
     protect_last: int = 0
     min_heads: int = 1
     round_to: int = 8
+    reconstruct: bool = True
+    damping: float = 0.01
     seed: int = 0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -98,6 +107,8 @@ class PruningConfig:
                 raise ConfigError(f"{name} must be a non-negative integer; got {getattr(self, name)!r}")
         if not isinstance(self.min_heads, int) or self.min_heads < 1:
             raise ConfigError(f"min_heads must be at least 1 (a layer cannot lose every head); got {self.min_heads!r}")
+        if not isinstance(self.damping, int | float) or not 0 < self.damping < 10:
+            raise ConfigError(f"damping must be in (0, 10); got {self.damping!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"round_to must be a positive integer; got {self.round_to!r}")
 

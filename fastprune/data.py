@@ -1,8 +1,12 @@
 """Text sources and token windows for calibration and evaluation.
 
-The built-in text is Python's own documentation (``pydoc_data.topics``), present on every machine. Its topics,
-sorted by name, are split in two halves: ``pydoc:calibration`` (the first half) scores the units and
-``pydoc:heldout`` (the second half) measures perplexity, so evaluation never sees calibration text.
+Built-in texts, present without any download:
+
+- Python's own documentation (``pydoc_data.topics``). Its topics, sorted by name, are split in two halves:
+  ``pydoc:calibration`` (the first half) scores the units and ``pydoc:heldout`` (the second half) measures
+  perplexity, so evaluation never sees calibration text.
+- ``licenses``: English prose that is not about Python, the license texts of ``/usr/share/common-licenses``
+  (Debian and most Linux distributions ship them), for a second, out-of-domain perplexity.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from fastprune.errors import CalibrationError
 
 PYDOC_SOURCES = ("pydoc:calibration", "pydoc:heldout")
+LICENSES_DIR = Path("/usr/share/common-licenses")
+BUILTIN_SOURCES = (*PYDOC_SOURCES, "licenses")
 
 
 def pydoc_text(part: str) -> str:
@@ -29,14 +35,24 @@ def pydoc_text(part: str) -> str:
     return "\n\n".join(topics[n] for n in chosen)
 
 
+def licenses_text() -> str:
+    """The distinct license texts of /usr/share/common-licenses, sorted by name, joined by blank lines."""
+    if not LICENSES_DIR.is_dir():
+        raise CalibrationError(f"built-in text 'licenses' needs {LICENSES_DIR}, which this machine lacks")
+    files = sorted(p for p in LICENSES_DIR.iterdir() if p.is_file() and not p.is_symlink())
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+
+
 def read_text(source: str | Path) -> str:
-    """Text from a built-in source name (``pydoc:calibration``, ``pydoc:heldout``) or a UTF-8 file."""
+    """Text from a built-in source (``pydoc:calibration``, ``pydoc:heldout``, ``licenses``) or a UTF-8 file."""
     source = str(source)
     if source in PYDOC_SOURCES:
         return pydoc_text(source.split(":", 1)[1])
+    if source == "licenses":
+        return licenses_text()
     path = Path(source)
     if not path.is_file():
-        raise CalibrationError(f"text file not found: {source} (or use one of {', '.join(PYDOC_SOURCES)})")
+        raise CalibrationError(f"text file not found: {source} (or use one of {', '.join(BUILTIN_SOURCES)})")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise CalibrationError(f"text file is empty: {source}")

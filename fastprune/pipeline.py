@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import json
 import logging
 import time
@@ -15,10 +16,11 @@ import fastprune
 from fastprune.adapters import adapter_for
 from fastprune.config import PruningConfig
 from fastprune.data import TokenWindows, read_text, token_windows
-from fastprune.errors import CalibrationError
+from fastprune.errors import CalibrationError, ConfigError
 from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.planning import Plan, check_feasible, make_plan
+from fastprune.reconstruction import collect_grams, reconstruct
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
 
@@ -64,36 +66,49 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` as ``config`` asks (or as a given ``plan`` says) and return the smaller dense model.
 
-    The input model is left untouched unless ``inplace``; with ``evaluation`` the original and pruned models are
-    measured side by side and the report is returned with the result.
+    The input model is left untouched unless ``inplace``. With a ``plan``, scoring and planning are skipped; the
+    calibration text is then used only for ``config.reconstruct``. With ``evaluation`` the original and pruned
+    models are measured side by side and the report is returned with the result.
     """
-    seconds = {}
+    if inplace and evaluation is not None:
+        raise ConfigError("evaluation compares the pruned model with the original, which inplace=True overwrites")
+    seconds: dict[str, float] = {}
     pruned = model if inplace else copy.deepcopy(model)
     adapter = adapter_for(pruned)
-    scores = None
-    cal_info: dict = {}
+    scores, windows = None, None
     if plan is None:
         check_feasible(adapter.shape(), config, adapter.param_costs())
+    else:
+        plan.check_fits(adapter.shape())
+    if plan is None or config.reconstruct:
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
-        cal_info = windows.describe()
+        batches = windows.batches(config.calibration.batch_size)
+    if plan is None:
         torch.manual_seed(config.seed)
-        t0 = time.perf_counter()
-        scores = score_for_config(adapter, windows.batches(config.calibration.batch_size), config)
-        seconds["score"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plan = make_plan(scores, config, adapter.param_costs())
-        seconds["plan"] = time.perf_counter() - t0
-        plan.info["calibration"] = cal_info
-    t0 = time.perf_counter()
-    apply_plan(adapter, plan)
-    seconds["surgery"] = time.perf_counter() - t0
+        with _timed(seconds, "score"):
+            scores = score_for_config(adapter, batches, config)
+        with _timed(seconds, "plan"):
+            plan = make_plan(scores, config, adapter.param_costs())
+        plan.info["calibration"] = windows.describe()
+    if config.reconstruct:
+        with _timed(seconds, "reconstruct"):
+            reconstruct(adapter, plan, collect_grams(adapter, batches, plan), config.damping)
+    with _timed(seconds, "surgery"):
+        apply_plan(adapter, plan)
     report = None
-    if evaluation is not None and tokenizer is not None:
-        t0 = time.perf_counter()
-        report = evaluate({"dense": model, "pruned": pruned}, tokenizer, evaluation)
-        seconds["evaluate"] = time.perf_counter() - t0
+    if evaluation is not None:
+        with _timed(seconds, "evaluate"):
+            report = evaluate({"dense": model, "pruned": pruned}, tokenizer, evaluation)
         report.info.update({"criterion": plan.info.get("criterion"), "counts": plan.counts()})
+    cal_info = windows.describe() if windows is not None else {}
     return PruneResult(pruned, plan, scores, report, cal_info, seconds)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - t0
 
 
 def provenance(result: PruneResult, config: PruningConfig | None, source: str) -> dict:

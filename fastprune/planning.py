@@ -9,6 +9,7 @@ with the reason before any weight is touched.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from fastprune.errors import PlanError
 from fastprune.scoring.scores import Scores
 
 PLAN_FORMAT = 1
+#: Criteria whose scores estimate a loss change, so heads and channels can be traded per parameter.
+LOSS_CRITERIA = ("taylor", "fisher", "sensitivity")
+
+logger = logging.getLogger("fastprune")
 
 
 @dataclass
@@ -229,7 +234,7 @@ def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts) -> Plan:
     if config.target_params is not None:
         plan = _plan_for_target(planner, costs)
     else:
-        plan = planner.plan(config.head_ratio, config.channel_ratio, config.layer_ratio, snap_heads=False)
+        plan = planner.plan(config.head_ratio, config.channel_ratio, config.layer_ratio)
     total = _shape_params(scores.shape, costs)
     removed = plan.removed_params(costs)
     plan.info.update(
@@ -260,12 +265,12 @@ class _Planner:
         self._granules: dict[int, list[_Granule]] = {}
         self._channel_order: dict[int, torch.Tensor] = {}
 
-    def plan(self, head_ratio: float, channel_ratio: float, layer_ratio: float, snap_heads: bool) -> Plan:
+    def plan(self, head_ratio: float, channel_ratio: float, layer_ratio: float) -> Plan:
         drop = self.choose_layers(layer_ratio) if layer_ratio else []
         candidates = [i for i in range(self.shape.num_layers) if i not in self.protected and i not in drop]
         cuts = {i: LayerCut() for i in candidates}
         if head_ratio:
-            for g in self.choose_heads(head_ratio, candidates, drop, snap_heads):
+            for g in self.choose_heads(head_ratio, candidates, drop):
                 cuts[g.layer].heads += g.heads
                 cuts[g.layer].kv_heads += g.kv_heads
         if channel_ratio:
@@ -323,7 +328,7 @@ class _Planner:
                 granules.append(_Granule(i, j, sum(q[h] for h in heads), heads, []))
         return granules
 
-    def choose_heads(self, ratio: float, candidates: list[int], drop: list[int], snap: bool) -> list[_Granule]:
+    def choose_heads(self, ratio: float, candidates: list[int], drop: list[int]) -> list[_Granule]:
         self._require("heads")
         if self.config.ranking == "per_layer":
             chosen = []
@@ -331,7 +336,7 @@ class _Planner:
                 n_heads = self.shape.layers[i].heads
                 size = _granule_size(self.shape.layers[i], self.config)
                 granules = self.granules(i)
-                k = _legal_count(ratio * n_heads, size, n_heads, snap, f"head_ratio={ratio} in layer {i}", len(granules))
+                k = _legal_count(ratio * n_heads, size, n_heads, f"head_ratio={ratio} in layer {i}", len(granules))
                 chosen += granules[:k]
             return chosen
         total = sum(s.heads for i, s in enumerate(self.shape.layers) if i not in drop)
@@ -341,7 +346,34 @@ class _Planner:
         if len(sizes) > 1:
             raise PlanError("global head ranking needs the same GQA layout in every layer; use ranking='per_layer'")
         size = sizes.pop() if sizes else 1
-        return pool[: _legal_count(ratio * total, size, total, snap, f"head_ratio={ratio}", len(pool))]
+        return pool[: _legal_count(ratio * total, size, total, f"head_ratio={ratio}", len(pool))]
+
+    # -- steps for a parameter target -------------------------------------------------------------------------
+    def steps(self, i: int, kinds: set[str], costs: ParamCosts) -> dict[str, list[_Step]]:
+        """Layer i's removals in the order they would be taken: head granules, then channel blocks of round_to
+        (the first block also trims the width to a multiple of round_to)."""
+        out = {}
+        if "heads" in kinds:
+            self._require("heads")
+            out["heads"] = [
+                _Step(g.score, len(g.heads) * costs.head + len(g.kv_heads) * costs.kv_head, "heads", i,
+                      {i: (g.heads, g.kv_heads)})
+                for g in self.granules(i)
+            ]
+        if "channels" in kinds:
+            self._require("channels")
+            ascending = self.channel_order(i).flip(0).tolist()
+            values = self.scores.channels[i].double()
+            width, block = len(ascending), self.config.round_to
+            first = width % block or block
+            bounds = [0, first] + list(range(first + block, width - block + 1, block))
+            out["channels"] = [
+                _Step(float(values[ascending[a:b]].sum()), (b - a) * costs.channel, "channels", i,
+                      {i: (ascending[a:b], [])})
+                for a, b in zip(bounds, bounds[1:], strict=False)
+                if b <= width - min(block, width)
+            ]
+        return out
 
     # -- channels --------------------------------------------------------------------------------------------
     def channel_order(self, i: int) -> torch.Tensor:
@@ -386,22 +418,18 @@ def _granule_size(s: LayerShape, config: PruningConfig) -> int:
     return s.group_size if config.gqa == "kv_groups" or s.group_size == 1 else s.kv_heads
 
 
-def _legal_count(want: float, size: int, total: int, snap: bool, what: str, available: int) -> int:
-    """How many granules of ``size`` heads remove ``want`` heads; refuse (or snap down) when impossible."""
+def _legal_count(want: float, size: int, total: int, what: str, available: int) -> int:
+    """How many granules of ``size`` heads remove ``want`` heads; refuse when the GQA layout cannot."""
     exact = want / size
     k = round(exact)
     if abs(exact - k) > 0.005:  # tolerate ratios typed to a few digits, e.g. 0.333 for 1/3
         lo, hi = int(exact) * size, (int(exact) + 1) * size
-        if not snap:
-            raise PlanError(
-                f"{what} asks for {want:g} of {total} heads, which the GQA layout cannot remove (heads go "
-                f"{size} at a time); nearest legal ratios: {lo / total:.4f} ({lo} heads) or {hi / total:.4f} "
-                f"({hi} heads)"
-            )
-        k = int(exact)
+        raise PlanError(
+            f"{what} asks for {want:g} of {total} heads, which the GQA layout cannot remove (heads go "
+            f"{size} at a time); nearest legal ratios: {lo / total:.4f} ({lo} heads) or {hi / total:.4f} "
+            f"({hi} heads)"
+        )
     if k > available:
-        if snap:
-            return available
         raise PlanError(
             f"{what} asks for {k * size} heads but only {available * size} can go while keeping min_heads and "
             f"at least one query head per kept KV head in every unprotected layer"
@@ -433,34 +461,102 @@ def _round_widths(keep: dict[int, int], widths: dict[int, int], multiple: int) -
     return rounded
 
 
+@dataclass
+class _Step:
+    """One removal the target planner may take: its summed score, parameter cost and the units it removes."""
+
+    score: float
+    params: int
+    kind: str  # "heads" or "channels"
+    layer: int  # -1 for a uniform step that cuts every candidate layer alike
+    units: dict[int, tuple[list[int], list[int]]]  # layer -> (heads or channels, kv heads)
+
+
 def _plan_for_target(planner: _Planner, costs: ParamCosts) -> Plan:
-    """Find the smallest shared ratio over the config's granularities that removes the target parameters."""
+    """Remove the cheapest units per parameter until the target is met (see PruningConfig.target_params)."""
     config, shape = planner.config, planner.shape
     total = _shape_params(shape, costs)
     target = config.target_params * total
-
-    def plan_at(r: float) -> Plan:
-        ratios = {g: r if g in config.granularities else 0.0 for g in ("heads", "channels", "layers")}
-        return planner.plan(ratios["heads"], ratios["channels"], ratios["layers"], snap_heads=True)
-
-    hi = 0.95
-    try:
-        best = plan_at(hi)
-    except PlanError as exc:
-        raise PlanError(f"target_params={config.target_params} cannot be planned: {exc}") from exc
-    if best.removed_params(costs) < target:
+    kinds = set(config.granularities)
+    if kinds == {"layers"}:
+        return _layers_for_target(planner, costs, target, total)
+    if "layers" in kinds:
         raise PlanError(
-            f"target_params={config.target_params} cannot be met: pruning {'+'.join(config.granularities)} "
-            f"under the protections removes at most {best.removed_params(costs) / total:.3f} of the non-embedding "
-            f"parameters"
+            "target_params mixes whole layers with heads/channels only through comparable scores; give "
+            "granularities heads,channels (width) or layers (depth), or use explicit ratios"
         )
-    lo = 0.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        plan = plan_at(mid)
-        if plan.removed_params(costs) >= target:
-            hi, best = mid, plan
-        else:
-            lo = mid
-    best.info["shared_ratio"] = hi
-    return best
+    if len(kinds) > 1 and planner.scores.criterion not in LOSS_CRITERIA:
+        logger.warning(
+            "target_params mixes %s by score per parameter, but %s scores are not comparable across unit kinds; "
+            "consider taylor, fisher or sensitivity, or explicit ratios",
+            " and ".join(sorted(kinds)),
+            planner.scores.criterion,
+        )
+    candidates = [i for i in range(shape.num_layers) if i not in planner.protected]
+    per_layer = {i: planner.steps(i, kinds, costs) for i in candidates}
+    if config.ranking == "per_layer":
+        sequences = _uniform_steps(per_layer, candidates)
+    else:
+        sequences = [seq for i in candidates for seq in per_layer[i].values()]
+    # Each sequence must be taken in order; scores per parameter never decrease along one, so a merged sort by
+    # score per parameter respects every sequence.
+    pool = sorted(
+        ((step.score / step.params, n, k, step) for n, seq in enumerate(sequences) for k, step in enumerate(seq)),
+        key=lambda t: t[:3],
+    )
+    cuts = {i: LayerCut() for i in candidates}
+    removed = 0
+    for _, _, _, step in pool:
+        if removed >= target:
+            break
+        for i, (units, kv) in step.units.items():
+            if step.kind == "heads":
+                cuts[i].heads += units
+                cuts[i].kv_heads += kv
+            else:
+                cuts[i].channels += units
+        removed += step.params
+    if removed < target:
+        raise PlanError(
+            f"target_params={config.target_params} cannot be met: pruning {'+'.join(sorted(kinds))} under the "
+            f"protections and minimum widths removes at most {removed / total:.3f} of the non-embedding parameters"
+        )
+    return Plan(shape, {i: LayerCut(c.heads, c.kv_heads, c.channels) for i, c in cuts.items()})
+
+
+def _uniform_steps(per_layer: dict[int, dict[str, list[_Step]]], candidates: list[int]) -> list[list[_Step]]:
+    """Steps that cut every candidate layer alike (so all layers keep equal widths): step k of a kind takes
+    step k of that kind in each layer."""
+    sequences = []
+    for kind in ("heads", "channels"):
+        layer_seqs = [per_layer[i].get(kind, []) for i in candidates]
+        if not all(layer_seqs):
+            continue
+        if len({tuple(s.params for s in seq) for seq in layer_seqs}) > 1:
+            raise PlanError("ranking='per_layer' needs the same widths in every unprotected layer; use 'global'")
+        uniform = []
+        for k in range(min(len(seq) for seq in layer_seqs)):
+            group = [seq[k] for seq in layer_seqs]
+            units = {step.layer: step.units[step.layer] for step in group}
+            uniform.append(_Step(sum(s.score for s in group), sum(s.params for s in group), kind, -1, units))
+        sequences.append(uniform)
+    return sequences
+
+
+def _layers_for_target(planner: _Planner, costs: ParamCosts, target: float, total: int) -> Plan:
+    planner._require("layers")
+    shape = planner.shape
+    free = sorted((i for i in range(shape.num_layers) if i not in planner.protected),
+                  key=lambda i: (float(planner.scores.layers[i]), i))
+    drop, removed = [], 0
+    for i in free[: shape.num_layers - 1]:
+        if removed >= target:
+            break
+        drop.append(i)
+        removed += _layer_params(shape.layers[i], costs)
+    if removed < target:
+        raise PlanError(
+            f"target_params={planner.config.target_params} cannot be met by dropping unprotected layers "
+            f"(at most {removed / total:.3f} of the non-embedding parameters)"
+        )
+    return Plan(shape, drop_layers=drop)

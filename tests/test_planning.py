@@ -96,13 +96,38 @@ def test_layer_ratio_drops_lowest_scoring_layers():
     assert dropped.max() <= kept.min()
 
 
+TOTAL = sum(9 * 73728 + 3 * 73728 + 1536 * 1728 + 1152 for _ in range(30)) + 576
+
+
+@pytest.mark.parametrize("ranking", ["global", "per_layer"])
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.4])
-def test_parameter_target_is_met_closely(target):
-    p = plan(target_params=target)
-    total = sum(9 * 73728 + 3 * 73728 + 1536 * 1728 + 1152 for _ in range(30)) + 576
+def test_parameter_target_is_met_closely(target, ranking):
+    p = plan(target_params=target, ranking=ranking)
     removed = p.removed_params(SMOL_COSTS)
-    assert removed >= target * total
-    assert removed - target * total <= 30 * 8 * 1728  # within one rounding step per layer
+    largest_step = 3 * 73728 * (30 if ranking == "per_layer" else 1)
+    assert target * TOTAL <= removed <= target * TOTAL + largest_step
+    widths = {len(p.kept(i)[2]) for i in range(30)}
+    assert all(w % 8 == 0 for w in widths)
+    if ranking == "per_layer":
+        assert len(widths) == 1 and len({len(p.kept(i)[0]) for i in range(30)}) == 1
+
+
+def test_parameter_target_takes_the_cheapest_units_per_parameter():
+    scores = random_scores(SMOL)
+    scores.heads = [torch.full((9,), 1e-6, dtype=torch.float64) for _ in range(30)]  # heads nearly free to remove
+    p = plan(scores=scores, target_params=0.1)
+    assert p.counts()["channels"] == 0 and p.counts()["heads"] > 0
+    scores.heads = [torch.full((9,), 1e6, dtype=torch.float64) for _ in range(30)]  # heads precious
+    p = plan(scores=scores, target_params=0.1)
+    assert p.counts()["heads"] == 0 and p.counts()["channels"] > 0
+
+
+def test_parameter_target_by_depth_drops_lowest_layers():
+    scores = random_scores(SMOL)
+    p = plan(scores=scores, target_params=0.2, granularities=("layers",))
+    # six layers are 19.99% of the non-embedding parameters (the final norm counts too), so it takes seven
+    assert len(p.drop_layers) == 7 and p.cuts == {}
+    assert sorted(p.drop_layers) == sorted(torch.argsort(scores.layers)[:7].tolist())
 
 
 def test_infeasible_parameter_target_is_refused():
