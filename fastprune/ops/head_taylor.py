@@ -120,8 +120,8 @@ def reference_head_taylor(weight: Tensor, grad: Tensor, *, dim: int, group_size:
 
 def _as_matrix(weight: Tensor, grad: Tensor, dim: int) -> tuple[Tensor, Tensor, int]:
     """2-D views with unit column stride (1-D becomes one row; transposed storage is walked as stored)."""
-    if weight.dim() == 1:
-        return weight.unsqueeze(0), grad.unsqueeze(0), 1
+    if weight.dim() == 1:  # a bias: the columns of one row (strided ones are copied: they are small)
+        return weight.contiguous().unsqueeze(0), grad.contiguous().unsqueeze(0), 1
 
     def unit(t: Tensor, d: int) -> bool:
         return t.shape[d] <= 1 or t.stride(d) == 1

@@ -71,8 +71,10 @@ interpreted_only = pytest.mark.skipif(not INTERPRETING, reason="runs in test_tri
 
 def with_layout(t: torch.Tensor, layout: str, partner: bool) -> torch.Tensor:
     """The same values in another memory layout (``partner``: the second tensor of a "mixed" pair)."""
-    if t.dim() == 1 or layout == "contiguous" or (layout == "mixed" and not partner):
+    if layout == "contiguous" or (layout == "mixed" and not partner):
         return t
+    if t.dim() == 1:  # a bias slice: every other element of a buffer
+        return torch.stack([t, torch.full_like(t, 9.0)], 1)[:, 0]
     if layout == "row_strided":  # a slice of a wider tensor: unit column stride, row stride > columns
         return torch.cat([t, torch.full_like(t, 9.0)], 1)[:, : t.shape[1]]
     if layout in ("transposed", "mixed"):
