@@ -8,7 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from fastprune.config import CRITERIA, GQA_MODES, GRANULARITIES, RANKINGS, CalibrationConfig, PruningConfig
+from fastprune.config import (
+    CRITERIA,
+    DEFAULT_DAMPING,
+    GQA_MODES,
+    GRANULARITIES,
+    RANKINGS,
+    CalibrationConfig,
+    PruningConfig,
+)
 from fastprune.errors import FastpruneError, OutputError
 
 logger = logging.getLogger("fastprune")
@@ -32,7 +40,7 @@ def _add_reconstruction(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only slice: do not refit the output projections of cut layers by least squares on calibration text",
     )
-    g.add_argument("--damping", type=float, default=0.01, help="ridge term of the least-squares refit (default 0.01)")
+    g.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help=f"ridge term of the least-squares refit, relative to the mean input energy (default {DEFAULT_DAMPING})")
 
 
 def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
@@ -75,7 +83,13 @@ def _add_planning(p: argparse.ArgumentParser) -> None:
         default="heads,channels",
         help=f"comma-separated units --target-params may remove: {', '.join(GRANULARITIES)} (default heads,channels)",
     )
-    g.add_argument("--ranking", choices=RANKINGS, default="global", help="rank units across layers or within each (default global)")
+    g.add_argument(
+        "--ranking",
+        choices=RANKINGS,
+        default="per_layer",
+        help="per_layer: cut every layer alike, so plain from_pretrained loads the result (default); global: rank "
+        "units across layers, widths then differ per layer (loads with fastprune.load or trust_remote_code)",
+    )
     g.add_argument(
         "--gqa",
         choices=GQA_MODES,

@@ -18,8 +18,10 @@ CRITERIA = (
     "wanda",
     "block_influence",
     "sensitivity",
+    "obs",
 )
 RANKINGS = ("global", "per_layer")
+DEFAULT_DAMPING = 0.001
 GQA_MODES = ("query_heads", "kv_groups")
 GRANULARITIES = ("heads", "channels", "layers")
 
@@ -58,7 +60,7 @@ class PruningConfig:
     ``target_params`` asks for a fraction of the non-embedding parameters to be removed: the planner then takes
     the units of ``granularities`` with the lowest score per parameter until the target is met, so it chooses the
     mix of heads and channels itself (meaningful when the criterion's scores are comparable across unit kinds,
-    as loss estimates are: taylor, fisher, sensitivity). ``granularities=("layers",)`` drops whole layers instead.
+    as loss estimates are: taylor, fisher, sensitivity, and obs's output errors). ``granularities=("layers",)`` drops whole layers instead.
     With ``ranking="per_layer"`` every unprotected layer is cut alike, so the result keeps a plain config.
 
     With ``reconstruct`` the output projections that read the removed heads and channels are refit by least
@@ -73,14 +75,14 @@ class PruningConfig:
     target_params: float | None = None
     granularities: tuple[str, ...] = ("heads", "channels")
     layer_criterion: str = "block_influence"
-    ranking: str = "global"
+    ranking: str = "per_layer"
     gqa: str = "query_heads"
     protect_first: int = 0
     protect_last: int = 0
     min_heads: int = 1
     round_to: int = 8
     reconstruct: bool = True
-    damping: float = 0.01
+    damping: float = DEFAULT_DAMPING
     seed: int = 0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 

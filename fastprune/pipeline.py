@@ -20,7 +20,7 @@ from fastprune.errors import CalibrationError, ConfigError
 from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.planning import Plan, check_feasible, make_plan
-from fastprune.reconstruction import collect_grams, reconstruct
+from fastprune.reconstruction import collect_grams, grams_for_plan, reconstruct
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
 
@@ -83,16 +83,20 @@ def prune(
     if plan is None or config.reconstruct:
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         batches = windows.batches(config.calibration.batch_size)
+    grams = None
     if plan is None:
         torch.manual_seed(config.seed)
         with _timed(seconds, "score"):
-            scores = score_for_config(adapter, batches, config)
+            if config.criterion == "obs":  # its statistics serve the reconstruction too
+                layers = list(range(len(adapter.layers)))
+                grams = collect_grams(adapter, batches, layers, layers)
+            scores = score_for_config(adapter, batches, config, grams)
         with _timed(seconds, "plan"):
             plan = make_plan(scores, config, adapter.param_costs())
         plan.info["calibration"] = windows.describe()
     if config.reconstruct:
         with _timed(seconds, "reconstruct"):
-            reconstruct(adapter, plan, collect_grams(adapter, batches, plan), config.damping)
+            reconstruct(adapter, plan, grams or grams_for_plan(adapter, batches, plan), config.damping)
     with _timed(seconds, "surgery"):
         apply_plan(adapter, plan)
     report = None

@@ -21,8 +21,9 @@ from fastprune.errors import PlanError
 from fastprune.scoring.scores import Scores
 
 PLAN_FORMAT = 1
-#: Criteria whose scores estimate a loss change, so heads and channels can be traded per parameter.
-LOSS_CRITERIA = ("taylor", "fisher", "sensitivity")
+#: Criteria whose head and channel scores share units (a loss or output-error estimate), so a parameter target
+#: can trade them per parameter.
+COMPARABLE_CRITERIA = ("taylor", "fisher", "sensitivity", "obs")
 
 logger = logging.getLogger("fastprune")
 
@@ -485,10 +486,10 @@ def _plan_for_target(planner: _Planner, costs: ParamCosts) -> Plan:
             "target_params mixes whole layers with heads/channels only through comparable scores; give "
             "granularities heads,channels (width) or layers (depth), or use explicit ratios"
         )
-    if len(kinds) > 1 and planner.scores.criterion not in LOSS_CRITERIA:
+    if len(kinds) > 1 and planner.scores.criterion not in COMPARABLE_CRITERIA:
         logger.warning(
             "target_params mixes %s by score per parameter, but %s scores are not comparable across unit kinds; "
-            "consider taylor, fisher or sensitivity, or explicit ratios",
+            "consider taylor, fisher, sensitivity or obs, or explicit ratios",
             " and ".join(sorted(kinds)),
             planner.scores.criterion,
         )

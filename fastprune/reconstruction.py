@@ -14,12 +14,15 @@ the damping keeps the solve stable and limits fitting to the calibration text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastprune.adapters.base import Adapter
-from fastprune.planning import Plan
 from fastprune.scoring.tables import batches_with_progress
+
+if TYPE_CHECKING:
+    from fastprune.planning import Plan
 
 
 @dataclass
@@ -30,10 +33,13 @@ class InputGrams:
     channels: dict[int, torch.Tensor]
 
 
-def collect_grams(adapter: Adapter, batches: list[torch.Tensor], plan: Plan) -> InputGrams:
-    """One forward pass over the calibration batches, summing x^T x for every projection the plan cuts into."""
-    heads = {i: None for i, c in plan.cuts.items() if c.heads}
-    channels = {i: None for i, c in plan.cuts.items() if c.channels}
+def collect_grams(
+    adapter: Adapter, batches: list[torch.Tensor], head_layers: list[int], channel_layers: list[int]
+) -> InputGrams:
+    """One forward pass over the calibration batches, summing x^T x of the output projection inputs of the given
+    layers (o_proj for ``head_layers``, down_proj for ``channel_layers``)."""
+    heads: dict = dict.fromkeys(head_layers)
+    channels: dict = dict.fromkeys(channel_layers)
 
     def accumulate(store: dict, i: int):
         def hook(_module, args):
@@ -55,13 +61,16 @@ def collect_grams(adapter: Adapter, batches: list[torch.Tensor], plan: Plan) -> 
     return InputGrams(heads, channels)
 
 
+def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``gram`` plus ``damping`` times its mean diagonal on the diagonal (a ridge that keeps solves stable)."""
+    ridge = damping * gram.diagonal().mean().clamp_min(1e-12)
+    return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
 def least_squares_weight(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
     """The weight over the ``keep`` columns that best reproduces ``weight``'s output on inputs with Gram ``gram``."""
-    gram_kk = gram[keep][:, keep]
-    ridge = damping * gram_kk.diagonal().mean().clamp_min(1e-12)
-    gram_kk = gram_kk + ridge * torch.eye(len(keep), dtype=gram.dtype, device=gram.device)
     rhs = gram[keep] @ weight.detach().double().T  # [k, out]
-    solution = torch.linalg.solve(gram_kk, rhs).T
+    solution = torch.linalg.solve(damped(gram[keep][:, keep], damping), rhs).T
     return solution.to(weight.dtype)
 
 
@@ -70,15 +79,24 @@ def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
     return (idx[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
+def grams_for_plan(adapter: Adapter, batches: list[torch.Tensor], plan: Plan) -> InputGrams:
+    """The Gram matrices reconstruction needs for this plan (only the layers it cuts)."""
+    heads = [i for i, c in plan.cuts.items() if c.heads]
+    channels = [i for i, c in plan.cuts.items() if c.channels]
+    return collect_grams(adapter, batches, heads, channels)
+
+
 def reconstruct(adapter: Adapter, plan: Plan, grams: InputGrams, damping: float) -> None:
     """Before surgery: overwrite the kept columns of every cut output projection with their least-squares refit
     (the columns about to be removed are left as they are; surgery drops them)."""
     with torch.no_grad():
-        for i, gram in grams.heads.items():
+        for i in (i for i, c in plan.cuts.items() if c.heads):
+            gram = grams.heads[i]
             weight = adapter.attention(i).o.weight
             keep = _head_columns(plan.kept(i)[0], adapter.head_dim).to(weight.device)
             weight[:, keep] = least_squares_weight(weight, gram, keep, damping)
-        for i, gram in grams.channels.items():
+        for i in (i for i, c in plan.cuts.items() if c.channels):
+            gram = grams.channels[i]
             weight = adapter.mlp(i).output.weight
             keep = torch.tensor(plan.kept(i)[2], dtype=torch.long, device=weight.device)
             weight[:, keep] = least_squares_weight(weight, gram, keep, damping)

@@ -50,7 +50,7 @@ def test_kv_group_mode_removes_whole_groups_and_their_heads():
 
 def test_global_ranking_removes_lowest_scores_first():
     scores = random_scores(SMOL)
-    p = plan(scores=scores, channel_ratio=0.25, round_to=1)
+    p = plan(scores=scores, channel_ratio=0.25, round_to=1, ranking="global")
     removed = torch.cat([scores.channels[i][p.cut(i).channels] for i in range(30)])
     kept = torch.cat([scores.channels[i][p.kept(i)[2]] for i in range(30)])
     assert removed.numel() == round(0.25 * 30 * 1536)
@@ -59,7 +59,7 @@ def test_global_ranking_removes_lowest_scores_first():
 
 def test_illegal_gqa_ratio_is_refused_with_nearest_legal_ratios():
     with pytest.raises(PlanError, match=r"nearest legal ratios: 0\.2444 \(66 heads\) or 0\.2556 \(69 heads\)"):
-        plan(head_ratio=0.25)
+        plan(head_ratio=0.25, ranking="global")
     with pytest.raises(PlanError, match=r"layer 0.*nearest legal ratios: 0\.0000 \(0 heads\) or 0\.3333"):
         plan(head_ratio=0.25, ranking="per_layer")
 
@@ -73,7 +73,8 @@ def test_kept_widths_are_multiples_of_round_to():
 
 
 def test_protected_layers_are_untouched_and_min_heads_respected():
-    p = plan(head_ratio=0.2, gqa="kv_groups", protect_first=2, protect_last=3, min_heads=6, channel_ratio=0.2)
+    p = plan(head_ratio=0.2, gqa="kv_groups", protect_first=2, protect_last=3, min_heads=6, channel_ratio=0.2,
+             ranking="global")
     for i in (0, 1, 27, 28, 29):
         assert p.cut(i).is_empty()
     for i in range(2, 27):
@@ -82,7 +83,7 @@ def test_protected_layers_are_untouched_and_min_heads_respected():
 
 def test_too_much_under_protections_is_refused():
     with pytest.raises(PlanError, match="only"):
-        plan(head_ratio=0.6, gqa="kv_groups", protect_first=10, protect_last=10)
+        plan(head_ratio=0.6, gqa="kv_groups", protect_first=10, protect_last=10, ranking="global")
     with pytest.raises(PlanError, match="protect every one"):
         plan(channel_ratio=0.1, protect_first=15, protect_last=15)
 

@@ -8,8 +8,9 @@ import logging
 import torch
 
 from fastprune.adapters.base import Adapter
-from fastprune.config import CRITERIA, PruningConfig
+from fastprune.config import CRITERIA, DEFAULT_DAMPING, PruningConfig
 from fastprune.errors import ConfigError
+from fastprune.reconstruction import InputGrams, collect_grams
 from fastprune.scoring.scores import Scores
 
 logger = logging.getLogger("fastprune")
@@ -25,12 +26,31 @@ CRITERION_KINDS = {
     "wanda": ("heads", "channels"),
     "block_influence": ("layers",),
     "sensitivity": ("heads", "kv_heads", "layers"),
+    "obs": ("heads", "kv_heads", "channels"),
 }
 
 
-def score(adapter: Adapter, batches: list[torch.Tensor], criterion: str) -> Scores:
-    """Score every unit the criterion covers, over the calibration batches (token id tensors)."""
-    scores = _run_criterion(adapter, batches, criterion)
+def score(
+    adapter: Adapter,
+    batches: list[torch.Tensor],
+    criterion: str,
+    grams: InputGrams | None = None,
+    damping: float = DEFAULT_DAMPING,
+) -> Scores:
+    """Score every unit the criterion covers, over the calibration batches (token id tensors).
+
+    ``obs`` works from the output projections' input Gram matrices: pass ``grams`` (all layers) to reuse them,
+    and ``damping`` is its ridge term.
+    """
+    if criterion == "obs":
+        from fastprune.scoring.obs import obs_scores
+
+        if grams is None:
+            layers = list(range(len(adapter.layers)))
+            grams = collect_grams(adapter, batches, layers, layers)
+        scores = obs_scores(adapter, grams, damping)
+    else:
+        scores = _run_criterion(adapter, batches, criterion)
     scores.info["param_costs"] = dataclasses.asdict(adapter.param_costs())
     return scores
 
@@ -75,13 +95,15 @@ def needed_kinds(config: PruningConfig) -> set[str]:
     return {kind for kind, ratio in ratios.items() if ratio}
 
 
-def score_for_config(adapter: Adapter, batches: list[torch.Tensor], config: PruningConfig) -> Scores:
+def score_for_config(
+    adapter: Adapter, batches: list[torch.Tensor], config: PruningConfig, grams: InputGrams | None = None
+) -> Scores:
     """Scores for everything the config prunes: ``criterion`` for heads and channels, ``layer_criterion`` for
     layers (when layers are pruned and the two differ)."""
     kinds = needed_kinds(config)
     if kinds == {"layers"}:
         return score(adapter, batches, config.layer_criterion)
-    scores = score(adapter, batches, config.criterion)
+    scores = score(adapter, batches, config.criterion, grams, config.damping)
     if "layers" in kinds and config.layer_criterion != config.criterion:
         scores = scores.with_layers_from(score(adapter, batches, config.layer_criterion))
     return scores
