@@ -254,7 +254,7 @@ def check_feasible(shape: ModelShape, config: PruningConfig, costs: ParamCosts) 
     """Raise the PlanError that planning would raise for any scores (illegal GQA ratio, protections, targets),
     so a bad request fails before minutes of scoring."""
     flat = {k: [torch.ones(getattr(s, k), dtype=torch.float64) for s in shape.layers] for k in ("heads", "kv_heads", "channels")}
-    make_plan(Scores("feasibility", shape, **flat, layers=torch.ones(shape.num_layers, dtype=torch.float64)), config, costs)
+    make_plan(Scores(config.criterion, shape, **flat, layers=torch.ones(shape.num_layers, dtype=torch.float64)), config, costs)
 
 
 class _Planner:
