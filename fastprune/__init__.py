@@ -21,6 +21,7 @@ from fastprune.io import load
 from fastprune.models import load_source
 from fastprune.pipeline import PruneResult, prune, save_result
 from fastprune.planning import Plan, make_plan
+from fastprune.recovery import RecoveryConfig, RecoveryResult, recover
 from fastprune.scoring import Scores, score
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "Plan",
     "PruneResult",
     "PruningConfig",
+    "RecoveryConfig",
+    "RecoveryResult",
     "Report",
     "Scores",
     "__version__",
@@ -38,6 +41,7 @@ __all__ = [
     "load_source",
     "make_plan",
     "prune",
+    "recover",
     "save_result",
     "score",
 ]

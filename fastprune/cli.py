@@ -13,6 +13,7 @@ from fastprune.config import (
     DEFAULT_DAMPING,
     GQA_MODES,
     GRANULARITIES,
+    LATENCY_KINDS,
     RANKINGS,
     CalibrationConfig,
     PruningConfig,
@@ -56,7 +57,7 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
     if not scoring:
         return
-    g.add_argument("--criterion", choices=CRITERIA, default="taylor", help="importance criterion (default taylor)")
+    g.add_argument("--criterion", choices=CRITERIA, default="obs", help="importance criterion (default obs)")
     g.add_argument(
         "--layer-criterion",
         choices=CRITERIA,
@@ -75,9 +76,26 @@ def _add_planning(p: argparse.ArgumentParser) -> None:
         "--target-params",
         type=float,
         default=None,
-        help=f"fraction of non-embedding parameters to remove, spread over --granularities with one shared ratio "
-        f"(default when no ratio is given: {DEFAULT_TARGET})",
+        help=f"below 1: fraction of non-embedding parameters to remove; from 1: how many to keep. The planner picks "
+        f"the units of --granularities with the lowest score per parameter (default when no ratio or target is "
+        f"given: {DEFAULT_TARGET})",
     )
+    g.add_argument(
+        "--target-memory-mb",
+        type=float,
+        default=None,
+        help="fit weights plus the KV cache of one --memory-context-token sequence into this many MiB",
+    )
+    g.add_argument("--memory-context", type=int, default=2048, help="context length for --target-memory-mb (2048)")
+    g.add_argument(
+        "--target-latency-ms",
+        type=float,
+        default=None,
+        help="fit --latency-kind latency on this machine into this many ms (planned from a measured latency table, "
+        "then checked on the pruned model: within the target and at most 10%% below it)",
+    )
+    g.add_argument("--latency-kind", choices=LATENCY_KINDS, default="prefill", help="prefill (default) or decode")
+    g.add_argument("--latency-tokens", type=int, default=512, help="prompt tokens for the latency target (512)")
     g.add_argument(
         "--granularities",
         default="heads,channels",
@@ -189,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pruning_config(args, calibration: bool = True) -> PruningConfig:
     ratios = (args.head_ratio, args.channel_ratio, args.layer_ratio)
     target = args.target_params
-    if target is None and not any(ratios):
+    if target is None and args.target_memory_mb is None and args.target_latency_ms is None and not any(ratios):
         target = DEFAULT_TARGET
     kwargs = {}
     if calibration:
@@ -206,6 +224,11 @@ def _pruning_config(args, calibration: bool = True) -> PruningConfig:
         channel_ratio=args.channel_ratio,
         layer_ratio=args.layer_ratio,
         target_params=target,
+        target_memory_mb=args.target_memory_mb,
+        memory_context=args.memory_context,
+        target_latency_ms=args.target_latency_ms,
+        latency_kind=args.latency_kind,
+        latency_tokens=args.latency_tokens,
         granularities=tuple(g.strip() for g in args.granularities.split(",") if g.strip()),
         ranking=args.ranking,
         gqa=args.gqa,

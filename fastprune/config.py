@@ -24,6 +24,8 @@ RANKINGS = ("global", "per_layer")
 DEFAULT_DAMPING = 0.001
 GQA_MODES = ("query_heads", "kv_groups")
 GRANULARITIES = ("heads", "channels", "layers")
+TARGETS = ("target_params", "target_memory_mb", "target_latency_ms")
+LATENCY_KINDS = ("prefill", "decode")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -57,9 +59,11 @@ class PruningConfig:
 
     Ratios are fractions of each granularity to remove: ``head_ratio`` of the query heads (of the KV groups when
     ``gqa="kv_groups"``), ``channel_ratio`` of the MLP channels, ``layer_ratio`` of the layers. Alternatively
-    ``target_params`` asks for a fraction of the non-embedding parameters to be removed: the planner then takes
-    the units of ``granularities`` with the lowest score per parameter until the target is met, so it chooses the
-    mix of heads and channels itself (meaningful when the criterion's scores are comparable across unit kinds,
+    a target: ``target_params`` (below 1: the fraction of non-embedding parameters to remove; from 1: the count to
+    keep), ``target_memory_mb`` (weights plus the KV cache of one ``memory_context``-token sequence) or
+    ``target_latency_ms`` (``latency_kind`` prefill of ``latency_tokens`` tokens, or one decode step, measured on
+    this machine). The planner then takes the units of ``granularities`` with the lowest score per unit of cost
+    until the model fits, so it chooses the mix of heads and channels itself (meaningful when the criterion's scores are comparable across unit kinds,
     as loss estimates are: taylor, fisher, sensitivity, and obs's output errors). ``granularities=("layers",)`` drops whole layers instead.
     With ``ranking="per_layer"`` every unprotected layer is cut alike, so the result keeps a plain config.
 
@@ -68,11 +72,16 @@ class PruningConfig:
     relative to the mean input energy.
     """
 
-    criterion: str = "taylor"
+    criterion: str = "obs"
     head_ratio: float = 0.0
     channel_ratio: float = 0.0
     layer_ratio: float = 0.0
     target_params: float | None = None
+    target_memory_mb: float | None = None
+    memory_context: int = 2048
+    target_latency_ms: float | None = None
+    latency_kind: str = "prefill"
+    latency_tokens: int = 512
     granularities: tuple[str, ...] = ("heads", "channels")
     layer_criterion: str = "block_influence"
     ranking: str = "per_layer"
@@ -98,12 +107,25 @@ class PruningConfig:
             _check_choice("granularity", g, GRANULARITIES)
         for name in ("head_ratio", "channel_ratio", "layer_ratio"):
             _check_ratio(name, getattr(self, name))
-        if self.target_params is not None:
-            _check_ratio("target_params", self.target_params)
+        targets = [n for n in TARGETS if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise ConfigError(f"give one target at a time; got {', '.join(targets)}")
+        if targets:
+            value = getattr(self, targets[0])
+            if not isinstance(value, int | float) or not value > 0 or value != value:
+                raise ConfigError(f"{targets[0]} must be a positive number; got {value!r}")
+            if targets[0] == "target_params" and value >= 1 and value != int(value):
+                raise ConfigError(
+                    f"target_params below 1 is a fraction to remove, from 1 a whole count to keep; got {value!r}"
+                )
             if not self.granularities:
-                raise ConfigError("target_params needs at least one granularity to prune")
+                raise ConfigError(f"{targets[0]} needs at least one granularity to prune")
             if any(getattr(self, f"{n}_ratio") for n in ("head", "channel", "layer")):
-                raise ConfigError("give either target_params or per-granularity ratios, not both")
+                raise ConfigError(f"give either {targets[0]} or per-granularity ratios, not both")
+        _check_choice("latency_kind", self.latency_kind, LATENCY_KINDS)
+        for name in ("memory_context", "latency_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
         for name in ("protect_first", "protect_last"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer; got {getattr(self, name)!r}")
@@ -115,8 +137,13 @@ class PruningConfig:
             raise ConfigError(f"round_to must be a positive integer; got {self.round_to!r}")
 
     @property
-    def prunes_anything(self) -> bool:
-        return bool(self.target_params or self.head_ratio or self.channel_ratio or self.layer_ratio)
+    def target_name(self) -> str | None:
+        """The target this config asks for (target_params, target_memory_mb, target_latency_ms), if any."""
+        return next((n for n in TARGETS if getattr(self, n) is not None), None)
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_name is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+import dataclasses
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,12 @@ import fastprune
 from fastprune.adapters import adapter_for
 from fastprune.config import PruningConfig
 from fastprune.data import TokenWindows, read_text, token_windows
-from fastprune.errors import CalibrationError, ConfigError
+from fastprune.budget import Budget, memory_budget
+from fastprune.errors import CalibrationError, ConfigError, PlanError
 from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
+from fastprune.latency import latency_budget, measure_ms
+from fastprune.models import cache_dir
 from fastprune.planning import Plan, check_feasible, make_plan
 from fastprune.reconstruction import collect_grams, grams_for_plan, reconstruct
 from fastprune.scoring import Scores, score_for_config
@@ -67,38 +71,42 @@ def prune(
     """Prune ``model`` as ``config`` asks (or as a given ``plan`` says) and return the smaller dense model.
 
     The input model is left untouched unless ``inplace``. With a ``plan``, scoring and planning are skipped; the
-    calibration text is then used only for ``config.reconstruct``. With ``evaluation`` the original and pruned
-    models are measured side by side and the report is returned with the result.
+    calibration text is then used only for ``config.reconstruct``. A latency target is planned against a latency
+    table measured on this machine and then checked by measuring the pruned model (re-planned if it misses the
+    budget or undershoots it by more than ``LATENCY_SLACK``). With ``evaluation`` the original and pruned models
+    are measured side by side and the report is returned with the result.
     """
-    if inplace and evaluation is not None:
-        raise ConfigError("evaluation compares the pruned model with the original, which inplace=True overwrites")
+    if inplace and (evaluation is not None or config.target_latency_ms is not None):
+        raise ConfigError("evaluation and latency targets need the original model, which inplace=True overwrites")
     seconds: dict[str, float] = {}
-    pruned = model if inplace else copy.deepcopy(model)
-    adapter = adapter_for(pruned)
-    scores, windows = None, None
+    adapter = adapter_for(model)
+    costs = adapter.param_costs()
+    scores, windows, budget = None, None, None
     if plan is None:
-        check_feasible(adapter.shape(), config, adapter.param_costs())
+        with _timed(seconds, "budget"):
+            budget = _budget(model, adapter, config)
+        check_feasible(adapter.shape(), config, costs, budget)
     else:
         plan.check_fits(adapter.shape())
     if plan is None or config.reconstruct:
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         batches = windows.batches(config.calibration.batch_size)
     grams = None
+    if config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct:
+        layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
+        grams = collect_grams(adapter, batches, layers, layers)
     if plan is None:
         torch.manual_seed(config.seed)
         with _timed(seconds, "score"):
-            if config.criterion == "obs":  # its statistics serve the reconstruction too
-                layers = list(range(len(adapter.layers)))
-                grams = collect_grams(adapter, batches, layers, layers)
             scores = score_for_config(adapter, batches, config, grams)
         with _timed(seconds, "plan"):
-            plan = make_plan(scores, config, adapter.param_costs())
+            plan = make_plan(scores, config, costs, budget)
         plan.info["calibration"] = windows.describe()
-    if config.reconstruct:
-        with _timed(seconds, "reconstruct"):
-            reconstruct(adapter, plan, grams or grams_for_plan(adapter, batches, plan), config.damping)
-    with _timed(seconds, "surgery"):
-        apply_plan(adapter, plan)
+    if config.reconstruct and grams is None:
+        grams = grams_for_plan(adapter, batches, plan)
+    pruned = _cut(model, plan, config, grams, inplace, seconds)
+    if config.target_latency_ms is not None:
+        pruned, plan = _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, seconds)
     report = None
     if evaluation is not None:
         with _timed(seconds, "evaluate"):
@@ -106,6 +114,66 @@ def prune(
         report.info.update({"criterion": plan.info.get("criterion"), "counts": plan.counts()})
     cal_info = windows.describe() if windows is not None else {}
     return PruneResult(pruned, plan, scores, report, cal_info, seconds)
+
+
+#: A latency target is met when the pruned model's measured latency is within the budget and above
+#: (1 - LATENCY_SLACK) times it, so it is not pruned further than asked.
+LATENCY_SLACK = 0.10
+
+
+def _budget(model, adapter, config: PruningConfig) -> Budget | None:
+    """The memory or latency budget the config asks for (parameter targets are planned from costs directly)."""
+    if config.target_memory_mb is not None:
+        embedding = adapter.count_parameters()["total"] - adapter.count_parameters()["non_embedding"]
+        itemsize = next(model.parameters()).element_size()
+        return memory_budget(
+            adapter.shape(), adapter.param_costs(), embedding, itemsize, config.memory_context, config.target_memory_mb
+        )
+    if config.target_latency_ms is not None:
+        return latency_budget(model, config.latency_kind, config.latency_tokens, config.target_latency_ms, cache_dir())
+    return None
+
+
+def _cut(model, plan: Plan, config: PruningConfig, grams, inplace: bool, seconds: dict) -> torch.nn.Module:
+    """Reconstruct (if asked) and slice a copy of the model (or the model itself when ``inplace``)."""
+    pruned = model if inplace else copy.deepcopy(model)
+    adapter = adapter_for(pruned)
+    if config.reconstruct:
+        with _timed(seconds, "reconstruct"):
+            reconstruct(adapter, plan, grams, config.damping)
+    with _timed(seconds, "surgery"):
+        apply_plan(adapter, plan)
+    return pruned
+
+
+def _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, seconds, attempts: int = 4):
+    """Measure the pruned model; while it misses the budget (or undershoots it by more than the slack), correct
+    the latency table's limit by the measured/predicted ratio and re-plan."""
+    target = config.target_latency_ms
+    for attempt in range(attempts):
+        with _timed(seconds, f"latency check {attempt + 1}"):
+            measured = measure_ms(pruned, config.latency_kind, config.latency_tokens)
+        plan.info["latency_check"] = {"measured_ms": measured, "target_ms": target, "attempts": attempt + 1}
+        logger.info("latency check %d: %.1f ms for a %.1f ms target", attempt + 1, measured, target)
+        if (1 - LATENCY_SLACK) * target <= measured <= target or scores is None:
+            break
+        predicted = budget.of(plan.result_shape())
+        # Aim at the middle of the accepted band, in the table's own units.
+        aim = (1 - LATENCY_SLACK / 2) * target
+        budget = dataclasses.replace(budget, limit=budget.limit * aim / measured if measured else predicted)
+        new_plan = make_plan(scores, config, costs, budget)
+        new_plan.info["calibration"] = plan.info.get("calibration")
+        if new_plan.cuts == plan.cuts and new_plan.drop_layers == plan.drop_layers:
+            break
+        plan = new_plan
+        pruned = _cut(model, plan, config, grams, False, seconds)
+    check = plan.info["latency_check"]
+    if check["measured_ms"] > target:
+        raise PlanError(
+            f"target_latency_ms={target:g}: the best plan measures {check['measured_ms']:.1f} ms on this machine "
+            f"({config.latency_kind}, {config.latency_tokens} tokens); relax the target or allow more granularities"
+        )
+    return pruned, plan
 
 
 @contextmanager

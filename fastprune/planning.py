@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastprune.adapters.base import LayerShape, ModelShape, ParamCosts
+from fastprune.budget import Budget, params_budget
 from fastprune.config import PruningConfig
 from fastprune.errors import PlanError
 from fastprune.scoring.scores import Scores
@@ -228,12 +229,21 @@ class _Granule:
     kv_heads: list[int]
 
 
-def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts) -> Plan:
-    """Choose the units to remove: ratios per granularity, or one parameter target (see PruningConfig)."""
+def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts, budget: Budget | None = None) -> Plan:
+    """Choose the units to remove: ratios per granularity, or a budget to fit (see PruningConfig).
+
+    A parameter target is turned into its budget here; memory and latency budgets come from the caller
+    (fastprune.budget, fastprune.latency), which knows the dtype and the machine.
+    """
     scores.check()
     planner = _Planner(scores, config)
-    if config.target_params is not None:
-        plan = _plan_for_target(planner, costs)
+    if budget is None and config.target_params is not None:
+        budget = params_budget(scores.shape, costs, config.target_params)
+    if budget is not None:
+        plan = _plan_for_budget(planner, budget)
+        plan.info["budget"] = {**budget.to_dict(), "predicted": budget.of(plan.result_shape())}
+    elif config.has_target:
+        raise PlanError(f"{config.target_name} needs a budget measured on the model; plan it through fastprune.prune")
     else:
         plan = planner.plan(config.head_ratio, config.channel_ratio, config.layer_ratio)
     total = _shape_params(scores.shape, costs)
@@ -250,11 +260,13 @@ def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts) -> Plan:
     return plan
 
 
-def check_feasible(shape: ModelShape, config: PruningConfig, costs: ParamCosts) -> None:
+def check_feasible(shape: ModelShape, config: PruningConfig, costs: ParamCosts, budget: Budget | None = None) -> None:
     """Raise the PlanError that planning would raise for any scores (illegal GQA ratio, protections, targets),
     so a bad request fails before minutes of scoring."""
-    flat = {k: [torch.ones(getattr(s, k), dtype=torch.float64) for s in shape.layers] for k in ("heads", "kv_heads", "channels")}
-    make_plan(Scores(config.criterion, shape, **flat, layers=torch.ones(shape.num_layers, dtype=torch.float64)), config, costs)
+    kinds = ("heads", "kv_heads", "channels")
+    flat = {k: [torch.ones(getattr(s, k), dtype=torch.float64) for s in shape.layers] for k in kinds}
+    layers = torch.ones(shape.num_layers, dtype=torch.float64)
+    make_plan(Scores(config.criterion, shape, **flat, layers=layers), config, costs, budget)
 
 
 class _Planner:
@@ -350,15 +362,14 @@ class _Planner:
         return pool[: _legal_count(ratio * total, size, total, f"head_ratio={ratio}", len(pool))]
 
     # -- steps for a parameter target -------------------------------------------------------------------------
-    def steps(self, i: int, kinds: set[str], costs: ParamCosts) -> dict[str, list[_Step]]:
+    def steps(self, i: int, kinds: set[str]) -> dict[str, list[_Step]]:
         """Layer i's removals in the order they would be taken: head granules, then channel blocks of round_to
         (the first block also trims the width to a multiple of round_to)."""
         out = {}
         if "heads" in kinds:
             self._require("heads")
             out["heads"] = [
-                _Step(g.score, len(g.heads) * costs.head + len(g.kv_heads) * costs.kv_head, "heads", i,
-                      {i: (g.heads, g.kv_heads)})
+                _Step(g.score, LayerShape(len(g.heads), len(g.kv_heads), 0), "heads", i, {i: (g.heads, g.kv_heads)})
                 for g in self.granules(i)
             ]
         if "channels" in kinds:
@@ -369,7 +380,7 @@ class _Planner:
             first = width % block or block
             bounds = [0, first] + list(range(first + block, width - block + 1, block))
             out["channels"] = [
-                _Step(float(values[ascending[a:b]].sum()), (b - a) * costs.channel, "channels", i,
+                _Step(float(values[ascending[a:b]].sum()), LayerShape(0, 0, b - a), "channels", i,
                       {i: (ascending[a:b], [])})
                 for a, b in zip(bounds, bounds[1:], strict=False)
                 if b <= width - min(block, width)
@@ -464,51 +475,56 @@ def _round_widths(keep: dict[int, int], widths: dict[int, int], multiple: int) -
 
 @dataclass
 class _Step:
-    """One removal the target planner may take: its summed score, parameter cost and the units it removes."""
+    """One removal the budget planner may take: its summed score, what it removes, and from which layers."""
 
     score: float
-    params: int
+    removed: LayerShape  # query heads, KV heads and channels it removes in total
     kind: str  # "heads" or "channels"
     layer: int  # -1 for a uniform step that cuts every candidate layer alike
     units: dict[int, tuple[list[int], list[int]]]  # layer -> (heads or channels, kv heads)
 
+    def cost(self, budget: Budget) -> float:
+        return budget.layer_cost(self.removed) - budget.layer
 
-def _plan_for_target(planner: _Planner, costs: ParamCosts) -> Plan:
-    """Remove the cheapest units per parameter until the target is met (see PruningConfig.target_params)."""
+
+def _plan_for_budget(planner: _Planner, budget: Budget) -> Plan:
+    """Remove the units with the lowest score per unit of cost until the model fits the budget."""
     config, shape = planner.config, planner.shape
-    total = _shape_params(shape, costs)
-    target = config.target_params * total
     kinds = set(config.granularities)
+    current = budget.of(shape)
     if kinds == {"layers"}:
-        return _layers_for_target(planner, costs, target, total)
+        return _layers_for_budget(planner, budget, current)
     if "layers" in kinds:
         raise PlanError(
-            "target_params mixes whole layers with heads/channels only through comparable scores; give "
+            "a target mixes whole layers with heads/channels only through comparable scores; give "
             "granularities heads,channels (width) or layers (depth), or use explicit ratios"
         )
     if len(kinds) > 1 and planner.scores.criterion not in COMPARABLE_CRITERIA:
         logger.warning(
-            "target_params mixes %s by score per parameter, but %s scores are not comparable across unit kinds; "
+            "the target mixes %s by score per cost, but %s scores are not comparable across unit kinds; "
             "consider taylor, fisher, sensitivity or obs, or explicit ratios",
             " and ".join(sorted(kinds)),
             planner.scores.criterion,
         )
     candidates = [i for i in range(shape.num_layers) if i not in planner.protected]
-    per_layer = {i: planner.steps(i, kinds, costs) for i in candidates}
+    per_layer = {i: planner.steps(i, kinds) for i in candidates}
     if config.ranking == "per_layer":
         sequences = _uniform_steps(per_layer, candidates)
     else:
         sequences = [seq for i in candidates for seq in per_layer[i].values()]
-    # Each sequence must be taken in order; scores per parameter never decrease along one, so a merged sort by
-    # score per parameter respects every sequence.
+    # Each sequence must be taken in order; scores per cost never decrease along one (equal costs, growing
+    # scores), so a merged sort by score per cost respects every sequence.
     pool = sorted(
-        ((step.score / step.params, n, k, step) for n, seq in enumerate(sequences) for k, step in enumerate(seq)),
+        (
+            (step.score / max(step.cost(budget), 1e-30), n, k, step)
+            for n, seq in enumerate(sequences)
+            for k, step in enumerate(seq)
+        ),
         key=lambda t: t[:3],
     )
     cuts = {i: LayerCut() for i in candidates}
-    removed = 0
     for _, _, _, step in pool:
-        if removed >= target:
+        if current <= budget.limit:
             break
         for i, (units, kv) in step.units.items():
             if step.kind == "heads":
@@ -516,11 +532,11 @@ def _plan_for_target(planner: _Planner, costs: ParamCosts) -> Plan:
                 cuts[i].kv_heads += kv
             else:
                 cuts[i].channels += units
-        removed += step.params
-    if removed < target:
+        current -= step.cost(budget)
+    if current > budget.limit:
         raise PlanError(
-            f"target_params={config.target_params} cannot be met: pruning {'+'.join(sorted(kinds))} under the "
-            f"protections and minimum widths removes at most {removed / total:.3f} of the non-embedding parameters"
+            f"the {budget.metric} budget {budget.limit:.6g} cannot be met: pruning {'+'.join(sorted(kinds))} under "
+            f"the protections and minimum widths gets down to {current:.6g} at best"
         )
     return Plan(shape, {i: LayerCut(c.heads, c.kv_heads, c.channels) for i, c in cuts.items()})
 
@@ -533,31 +549,34 @@ def _uniform_steps(per_layer: dict[int, dict[str, list[_Step]]], candidates: lis
         layer_seqs = [per_layer[i].get(kind, []) for i in candidates]
         if not all(layer_seqs):
             continue
-        if len({tuple(s.params for s in seq) for seq in layer_seqs}) > 1:
+        if len({tuple(s.removed for s in seq) for seq in layer_seqs}) > 1:
             raise PlanError("ranking='per_layer' needs the same widths in every unprotected layer; use 'global'")
         uniform = []
         for k in range(min(len(seq) for seq in layer_seqs)):
             group = [seq[k] for seq in layer_seqs]
+            total = LayerShape(*(sum(getattr(s.removed, f) for s in group) for f in ("heads", "kv_heads", "channels")))
             units = {step.layer: step.units[step.layer] for step in group}
-            uniform.append(_Step(sum(s.score for s in group), sum(s.params for s in group), kind, -1, units))
+            uniform.append(_Step(sum(s.score for s in group), total, kind, -1, units))
         sequences.append(uniform)
     return sequences
 
 
-def _layers_for_target(planner: _Planner, costs: ParamCosts, target: float, total: int) -> Plan:
+def _layers_for_budget(planner: _Planner, budget: Budget, current: float) -> Plan:
     planner._require("layers")
     shape = planner.shape
-    free = sorted((i for i in range(shape.num_layers) if i not in planner.protected),
-                  key=lambda i: (float(planner.scores.layers[i]), i))
-    drop, removed = [], 0
+    free = sorted(
+        (i for i in range(shape.num_layers) if i not in planner.protected),
+        key=lambda i: (float(planner.scores.layers[i]), i),
+    )
+    drop = []
     for i in free[: shape.num_layers - 1]:
-        if removed >= target:
+        if current <= budget.limit:
             break
         drop.append(i)
-        removed += _layer_params(shape.layers[i], costs)
-    if removed < target:
+        current -= budget.layer_cost(shape.layers[i])
+    if current > budget.limit:
         raise PlanError(
-            f"target_params={planner.config.target_params} cannot be met by dropping unprotected layers "
-            f"(at most {removed / total:.3f} of the non-embedding parameters)"
+            f"the {budget.metric} budget {budget.limit:.6g} cannot be met by dropping unprotected layers "
+            f"(down to {current:.6g} at best)"
         )
     return Plan(shape, drop_layers=drop)

@@ -89,7 +89,7 @@ def _run_criterion(adapter: Adapter, batches: list[torch.Tensor], criterion: str
 
 def needed_kinds(config: PruningConfig) -> set[str]:
     """Unit kinds the config will prune."""
-    if config.target_params is not None:
+    if config.has_target:
         return set(config.granularities)
     ratios = {"heads": config.head_ratio, "channels": config.channel_ratio, "layers": config.layer_ratio}
     return {kind for kind, ratio in ratios.items() if ratio}
