@@ -34,7 +34,7 @@ def test_prune_writes_a_loadable_model_with_plan_provenance_and_report(model_dir
     out = tmp_path / "pruned"
     code, stdout, err = run(
         ["prune", "--model", str(model_dir), *FAST, *FAST_EVAL, "--head-ratio", "0.333", "--channel-ratio", "0.25",
-         "--ranking", "per_layer", "--compare", "magnitude_l2", "--no-reconstruct", "--out", str(out)],
+         "--criterion", "taylor", "--compare", "magnitude_l2", "--no-reconstruct", "--out", str(out)],
         capsys,
     )
     assert code == 0, err
