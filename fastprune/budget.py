@@ -8,6 +8,7 @@ the model fits the budget.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from fastprune.adapters.base import LayerShape, ModelShape, ParamCosts
@@ -37,9 +38,14 @@ class Budget:
         return asdict(self)
 
 
+def param_counter(costs: ParamCosts) -> Budget:
+    """Counts non-embedding parameters of any shape (no limit)."""
+    return Budget("params", math.inf, costs.outside_layers, costs.layer_fixed, costs.head, costs.kv_head, costs.channel)
+
+
 def params_budget(shape: ModelShape, costs: ParamCosts, target: float) -> Budget:
     """Non-embedding parameters: ``target`` < 1 is the fraction to remove, >= 1 the count to keep."""
-    budget = Budget("params", 0.0, costs.outside_layers, costs.layer_fixed, costs.head, costs.kv_head, costs.channel)
+    budget = param_counter(costs)
     total = budget.of(shape)
     limit = total * (1 - target) if target < 1 else float(target)
     if limit >= total:

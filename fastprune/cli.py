@@ -18,7 +18,7 @@ from fastprune.config import (
     CalibrationConfig,
     PruningConfig,
 )
-from fastprune.errors import FastpruneError, OutputError
+from fastprune.errors import ConfigError, FastpruneError, OutputError
 
 logger = logging.getLogger("fastprune")
 
@@ -192,6 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruction(p)
     _add_eval(p)
     _add_output(p, "the pruned model directory")
+
+    p = sub.add_parser(
+        "analyze",
+        help="importance maps and a predicted quality-vs-latency curve, before choosing a ratio",
+        description="Score once, plan every --fractions value, prune and measure the --check ones for real, and "
+        "predict perplexity and prefill latency for all. Writes analysis.md/json, importance.png, curve.png.",
+    )
+    _add_model(p)
+    _add_calibration(p)
+    _add_reconstruction(p)
+    p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5", help="fractions of non-embedding parameters")
+    p.add_argument("--check", default="0.2,0.4", help="fractions to prune for real to fit and check the predictor")
+    p.add_argument("--ranking", choices=RANKINGS, default="per_layer", help="as for prune (default per_layer)")
+    p.add_argument("--granularities", default="heads,channels", help="as for prune (default heads,channels)")
+    p.add_argument("--eval-text", default="pydoc:heldout", help="held-out text for the checks (pydoc:heldout)")
+    p.add_argument("--eval-windows", type=int, default=8, help="512-token windows per check (default 8)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency table (x axis: fraction)")
+    _add_output(p, "the analysis directory")
 
     p = sub.add_parser(
         "eval",
@@ -369,7 +387,53 @@ def _cmd_eval(args) -> None:
         print(f"wrote {args.report}/report.md")
 
 
-COMMANDS = {"prune": _cmd_prune, "score": _cmd_score, "plan": _cmd_plan, "apply": _cmd_apply, "eval": _cmd_eval}
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated numbers; got {text!r}") from exc
+
+
+def _cmd_analyze(args) -> None:
+    import dataclasses
+
+    from fastprune.adapters import adapter_for
+    from fastprune.analysis import analyze
+    from fastprune.io import check_output_dir
+    from fastprune.latency import latency_budget
+    from fastprune.models import cache_dir, load_source
+    from fastprune.pipeline import calibration_windows, prune
+    from fastprune.scoring import score
+
+    fractions, check = _floats(args.fractions, "--fractions"), _floats(args.check, "--check")
+    config = PruningConfig(
+        criterion=args.criterion,
+        target_params=fractions[0] if fractions else None,
+        granularities=tuple(g.strip() for g in args.granularities.split(",") if g.strip()),
+        ranking=args.ranking,
+        reconstruct=not args.no_reconstruct,
+        damping=args.damping,
+        seed=args.seed,
+        calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+    )
+    loaded = load_source(args.model)
+    check_output_dir(args.out, list(loaded.inputs), args.overwrite)
+    adapter = adapter_for(loaded.model)
+    windows = calibration_windows(loaded.tokenizer, args.calibration, config, encoder=not adapter.causal)
+    scores = score(adapter, windows.batches(args.batch_size), args.criterion, damping=args.damping)
+    latency = None if args.no_latency else latency_budget(loaded.model, "prefill", 512, float("inf"), cache_dir())
+
+    def prune_fn(model, plan):
+        return prune(model, dataclasses.replace(config, target_params=None), windows, plan=plan).model
+
+    result = analyze(loaded.model, loaded.tokenizer, scores, config, fractions, check, args.eval_text,
+                     args.eval_windows, latency, prune_fn)
+    result.save(args.out, args.overwrite)
+    print(result.to_markdown())
+    print(f"wrote {args.out}/analysis.md, importance.png, curve.png")
+
+
+COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "score": _cmd_score, "plan": _cmd_plan, "apply": _cmd_apply, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,12 +55,23 @@ def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise OutputError(f"output {out} exists and is not a directory")
 
 
-def save_model(model, tokenizer, out: Path, extra_files: dict[str, str], overwrite: bool = False) -> Path:
-    """Save model (safetensors + config), tokenizer and ``extra_files`` (name -> text) to ``out`` atomically."""
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out`` to fill; it becomes ``out`` only if the block completes."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        yield tmp
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model, tokenizer, out: Path, extra_files: dict[str, str], overwrite: bool = False) -> Path:
+    """Save model (safetensors + config), tokenizer and ``extra_files`` (name -> text) to ``out`` atomically."""
+    with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -66,11 +79,7 @@ def save_model(model, tokenizer, out: Path, extra_files: dict[str, str], overwri
             shutil.copyfile(modeling_fastprune.__file__, tmp / f"{REMOTE_MODULE}.py")
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out).resolve()
 
 
 def _replace_dir(new: Path, out: Path, overwrite: bool) -> None:

@@ -220,7 +220,6 @@ class _Run:
         try:
             with bar:
                 while True:
-                    self.rng = rng_state()  # what a checkpoint taken during this iteration restores
                     out_of_time = self._out_of_time()
                     due = p.step % config.eval_every == 0 or p.step >= self.total_steps or out_of_time
                     if due and p.evaluated_step != p.step:
@@ -291,6 +290,7 @@ class _Run:
             self.progress.step += 1
             self.progress.loss_sum += total
             self.progress.loss_count += 1
+            self.rng = rng_state()  # where the next step starts: what a checkpoint taken before it restores
         self.step_seconds = time.perf_counter() - t0
         return total
 
@@ -387,7 +387,8 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = _Progress(**state["progress"])
-        set_rng_state(state["rng"])
+        self.rng = state["rng"]
+        set_rng_state(self.rng)
         self.t0 = time.perf_counter()
         self.saved_step = self.progress.step
         logger.info("resuming recovery at step %d of %d", self.progress.step, self.total_steps)
@@ -480,8 +481,8 @@ def _checkpointing_on(model: nn.Module) -> bool:
 
 
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
-    # transformers 5.2x renamed gradient_* to activation_checkpointing_* (the old names warn); 5.17 has only
-    # the old ones.
+    # Newer transformers rename gradient_checkpointing_* to activation_checkpointing_* and warn on the old
+    # names; older 5.x releases have only the old ones.
     prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     if on:
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings, LoRA) and
@@ -489,6 +490,8 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
         getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
     else:
         getattr(model, f"{prefix}_checkpointing_disable")()
+        if prefix == "activation":  # its enable also hooked the input embeddings to require grad; undo that
+            model.disable_input_require_grads()
 
 
 @contextmanager
