@@ -11,13 +11,15 @@ forward hook may hand it (``h[:, 1:]``). Per case:
   writes them, so a pure streaming read can exceed 100%);
 - ``x_reference`` / ``x_idiom``: speedup over ``reference_block_influence`` (fp64) and over the plain torch
   idiom ``F.cosine_similarity(x, y, dim=-1).sum()``;
-- ``bar`` / ``meets_bar``: the issue's bar (>= 1.5x the idiom) and whether this run met it.
+- ``bar`` / ``meets_bar``: the issue's bar (>= 1.5x the idiom) and whether this run met it;
+- ``load_1min``: the machine's load average when the case ran (other work on a shared machine skews times).
 
 On a GPU the CUDA and Triton backends are both timed (``cuda_s``, ``triton_s``): the dispatch prefers the CUDA
 module, a choice that these numbers must confirm.
 """
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -81,6 +83,7 @@ def test_block_influence(benchmark, results, device, name, shape, tokens, dtype)
         "idiom_s": idiom_s,
         "in_mb": nbytes / 2**20,
         "backend": bi._pick_backend(torch.device(device)),
+        "load_1min": os.getloadavg()[0],  # the machine may be shared: numbers under load are noisy
         "bar": f">={MIN_X_IDIOM:g}x idiom",
         "meets_bar": idiom_s / kernel_s >= MIN_X_IDIOM,
     }

@@ -10,13 +10,15 @@ single channels along an 11008 dim. Per case:
   writes them, so a pure streaming read can exceed 100%);
 - ``x_reference`` / ``x_idiom``: speedup over ``reference_head_taylor`` (fp64) and over the plain torch idiom
   ``p = w * g; p.abs().view(...).sum(...)`` plus ``p.square().view(...).sum(...)`` (fp32 sums);
-- ``bar`` / ``meets_bar``: the issue's bar (>= 1.5x the idiom) and whether this run met it.
+- ``bar`` / ``meets_bar``: the issue's bar (>= 1.5x the idiom) and whether this run met it;
+- ``load_1min``: the machine's load average when the case ran (other work on a shared machine skews times).
 
 On a GPU the CUDA and Triton backends are both timed (``cuda_s``, ``triton_s``): the dispatch prefers the CUDA
 module, a choice that these numbers must confirm.
 """
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -85,6 +87,7 @@ def test_head_taylor(benchmark, results, device, name, shape, dim, group_size, d
         "idiom_s": idiom_s,
         "in_mb": nbytes / 2**20,
         "backend": ht._pick_backend(torch.device(device)),
+        "load_1min": os.getloadavg()[0],  # the machine may be shared: numbers under load are noisy
         "bar": f">={MIN_X_IDIOM:g}x idiom",
         "meets_bar": idiom_s / kernel_s >= MIN_X_IDIOM,
     }
