@@ -14,7 +14,10 @@ prefill). Per product case:
 - ``x_dense`` / ``x_dense_cold``: speedup over dense ``torch.mv`` (1 token) or ``torch.mm(x, W.t())`` (512
   tokens) of the decompressed weight in the same dtype, hot / cold; ``x_reference``: over
   ``reference_sparse24_matmul`` (decompress + ``F.linear``);
-- ``bar`` / ``meets_bar``: the issue's bar (GEMV on 4096x4096: >= 1.3x dense torch.mv), met hot and cold.
+- ``bar`` / ``meets_bar``: the issue's bar (GEMV on 4096x4096: >= 1.3x dense torch.mv), met hot and cold;
+- ``load_1min`` / ``sched``: the machine's load average and this process's scheduling policy when the case
+  ran. On a shared machine other work skews 2-thread times (a descheduled thread stalls the parallel region
+  for a scheduler tick); the committed CPU results were run under ``chrt -f 10`` (SCHED_FIFO) for that reason.
 
 Compress cases: ``sparse24_compress`` by magnitude vs ``reference_sparse24_compress`` and the plain torch
 idiom (top-2 per group with ``topk`` + ``gather``, values only). On a GPU the CUDA and Triton products,
@@ -25,6 +28,7 @@ dispatch prefers the CUDA module, a choice that these numbers must confirm.
 import importlib
 import itertools
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +70,12 @@ def rotating(fn, make_args, nbytes: int):
     return lambda: fn(*next(cycle))
 
 
+def machine_state() -> dict:
+    """Load average and scheduling policy: the context that explains noisy numbers on a shared machine."""
+    fifo = hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) == os.SCHED_FIFO
+    return {"load_1min": os.getloadavg()[0], "sched": "fifo" if fifo else "normal"}
+
+
 def product_cases():
     for (out, inp), dtype in itertools.product(SHAPES, ("fp32", "bf16", "fp16")):
         yield out, inp, 1, dtype
@@ -105,6 +115,7 @@ def test_sparse24_matmul(benchmark, results, device, out, inp, tokens, dtype):
         "x_reference": reference_s / kernel_s,
         "bytes_vs_dense": sparse_bytes / dense.nbytes,
         "backend": s24._pick_backend("matmul", torch.device(device)),
+        **machine_state(),
     }
     if gemv:  # a prefill GEMM is compute-bound: where the weight sits in the caches hardly matters
         copies = lambda: (values.clone(), meta.clone())  # noqa: E731
@@ -163,6 +174,7 @@ def test_sparse24_compress(benchmark, results, device, shape, dtype):
         x_reference=reference_s / kernel_s,
         x_idiom=idiom_s / kernel_s,
         backend=s24._pick_backend("compress", torch.device(device)),
+        **machine_state(),
     )
 
 
