@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -19,6 +20,7 @@ from fastprune.config import (
     PruningConfig,
 )
 from fastprune.errors import ConfigError, FastpruneError, OutputError
+from fastprune.recovery.config import MODES as RECOVERY_MODES
 
 logger = logging.getLogger("fastprune")
 
@@ -44,6 +46,50 @@ def _add_reconstruction(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help=f"ridge term of the least-squares refit, relative to the mean input energy (default {DEFAULT_DAMPING})")
 
 
+def _add_recovery(p: argparse.ArgumentParser, prefix: str) -> None:
+    """One flag per RecoveryConfig field (``--<prefix><field>``), help text from the field's documentation."""
+    from fastprune.recovery import RecoveryConfig
+
+    g = p.add_argument_group("recovery (training after pruning)")
+    for f in dataclasses.fields(RecoveryConfig):
+        if prefix and f.name == "mode":
+            continue  # prune takes the mode as --recover MODE
+        flag = "--" + prefix + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default {f.default})"
+        if f.name == "mode":
+            g.add_argument(flag, choices=RECOVERY_MODES, default=None, help=help_text)
+        elif f.type in ("bool", bool):
+            g.add_argument(flag, action="store_true", dest=prefix.replace("-", "_") + f.name, help=help_text)
+        else:
+            g.add_argument(flag, default=None, dest=prefix.replace("-", "_") + f.name, metavar=f.name.upper(),
+                           help=help_text)
+
+
+def _recovery_config(args, prefix: str, mode: str):
+    """A RecoveryConfig from the flags that were given (the rest keep their defaults)."""
+    from fastprune.recovery import RecoveryConfig
+
+    values = {"mode": mode}
+    for f in dataclasses.fields(RecoveryConfig):
+        given = getattr(args, prefix.replace("-", "_") + f.name, None)
+        if f.name == "mode" or given in (None, False):
+            continue
+        values[f.name] = given if given is True else _parse_value(f, given)
+    return RecoveryConfig(**values)
+
+
+def _parse_value(f: dataclasses.Field, text: str):
+    kind = str(f.type)
+    try:
+        if "tuple" in kind:
+            return tuple(x.strip() for x in text.split(",") if x.strip())
+        if "int" in kind and "float" not in kind:
+            return int(text)
+        return float(text)
+    except ValueError as exc:
+        raise ConfigError(f"--{f.name.replace('_', '-')} expects a number; got {text!r}") from exc
+
+
 def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument(
@@ -55,6 +101,7 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
     g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
+    g.add_argument("--recovery-samples", type=int, default=256, help="windows recovery trains on (default 256)")
     if not scoring:
         return
     g.add_argument("--criterion", choices=CRITERIA, default="obs", help="importance criterion (default obs)")
@@ -170,8 +217,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CRITERION",
         help="also prune with this criterion at the same settings and add it to the report (repeatable; not saved)",
     )
+    p.add_argument(
+        "--recover",
+        choices=RECOVERY_MODES,
+        default=None,
+        help="after pruning, recover quality: distill from the original model, finetune, or lora (merged)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="reach --target-params in this many rounds of prune (+ --recover), re-scoring each time (default 1)",
+    )
+    _add_recovery(p, "recover-")
     _add_eval(p)
     _add_output(p, "the pruned model directory")
+
+    p = sub.add_parser(
+        "recover",
+        help="train a pruned model to recover quality (distill from the original, finetune, or LoRA)",
+        description="Recover a pruned model's quality and save it. The teacher defaults to the model the pruned "
+        "one was made from (its fastprune.json). Ctrl-C writes a checkpoint; rerun with --resume to continue.",
+    )
+    p.add_argument("--model", required=True, help="the pruned model directory")
+    p.add_argument("--teacher", default=None, help="the dense model to distil from (default: its source model)")
+    p.add_argument("--calibration", default="pydoc:calibration", help="training text (default pydoc:calibration)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
+    p.add_argument("--samples", type=int, default=256, help="training windows (default 256)")
+    _add_recovery(p, "")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="where to keep resumable checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    _add_eval(p)
+    _add_output(p, "the recovered model directory")
 
     p = sub.add_parser("score", help="score every unit and write scores.json", description="Write importance scores.")
     _add_model(p)
@@ -233,7 +310,7 @@ def _pruning_config(args, calibration: bool = True) -> PruningConfig:
             "criterion": args.criterion,
             "layer_criterion": args.layer_criterion,
             "seed": args.seed,
-            "calibration": CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+            "calibration": CalibrationConfig(args.samples, args.seq_len, args.batch_size, args.recovery_samples),
             "reconstruct": not args.no_reconstruct,
             "damping": args.damping,
         }
@@ -271,22 +348,29 @@ def _eval_config(args):
 
 
 def _cmd_prune(args) -> None:
-    import dataclasses
-
     from fastprune.evaluation import evaluate
     from fastprune.io import check_output_dir
+    from fastprune.iterative import prune_iteratively
     from fastprune.models import load_source
     from fastprune.pipeline import prune, save_result
     from fastprune.planning import Plan
 
     config = _pruning_config(args)
     plan = Plan.load(args.plan) if args.plan else None
+    recovery = _recovery_config(args, "recover-", args.recover) if args.recover else None
     loaded = load_source(args.model)
     check_output_dir(args.out, list(loaded.inputs), args.overwrite)  # fail before minutes of work
     eval_config = None if args.no_eval else _eval_config(args)
-    result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan)
+    if args.steps > 1:
+        if plan is not None:
+            raise ConfigError("--steps re-plans every round; it cannot apply a given --plan")
+        result = prune_iteratively(loaded.model, config, args.steps, args.calibration, loaded.tokenizer, recovery,
+                                   eval_config)
+    else:
+        result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan, recovery=recovery)
     if eval_config is not None:
-        models = {"dense": loaded.model, f"pruned ({result.plan.info.get('criterion', 'plan')})": result.model}
+        label = result.plan.info.get("criterion", "plan") + (f" + {args.recover}" if recovery else "")
+        models = {"dense": loaded.model, f"pruned ({label})": result.model}
         for criterion in args.compare:
             other = prune(loaded.model, dataclasses.replace(config, criterion=criterion), args.calibration, loaded.tokenizer)
             models[f"pruned ({criterion})"] = other.model
@@ -294,9 +378,52 @@ def _cmd_prune(args) -> None:
         result.report.info.update({"plan_counts": result.plan.counts(), "seconds": result.seconds})
     out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), config, loaded.name, args.overwrite)
     _print_summary(result.plan)
+    for row in result.steps:
+        print(f"step {row['step']}: {row['non_embedding_params'] / 1e6:.1f}M non-embedding parameters, "
+              f"{row.get('quality', {})}")
     if result.report is not None:
         print(result.report.to_markdown())
     print(f"saved to {out}")
+
+
+def _cmd_recover(args) -> None:
+    import copy
+
+    from fastprune.adapters import adapter_for
+    from fastprune.data import read_text, token_windows
+    from fastprune.evaluation import evaluate
+    from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, read_info, save_model
+    from fastprune.models import load_source
+    from fastprune.recovery import recover
+
+    config = _recovery_config(args, "", args.mode or "distill")
+    student = load_source(args.model)
+    info = read_info(args.model) or {}
+    teacher_source = args.teacher or info.get("source_model")
+    if teacher_source is None and config.mode == "distill":
+        raise ConfigError(f"{args.model} does not say what it was pruned from; give --teacher")
+    teacher = load_source(teacher_source) if teacher_source else None
+    check_output_dir(args.out, list(student.inputs) + (list(teacher.inputs) if teacher else []), args.overwrite)
+    encoder = not adapter_for(student.model).causal
+    windows = token_windows(student.tokenizer, read_text(args.calibration), args.seq_len, args.samples,
+                            args.calibration, "recovery", encoder)
+    before = None if args.no_eval else copy.deepcopy(student.model)
+    result = recover(student.model, teacher.model if teacher else None, windows, config, args.checkpoint_dir,
+                     args.resume)
+    extra = {INFO_FILE: json.dumps({**info, "recovery": result.to_dict()}, indent=1) + "\n"}
+    if (Path(args.model) / PLAN_FILE).is_file():
+        extra[PLAN_FILE] = (Path(args.model) / PLAN_FILE).read_text()
+    report = None
+    if before is not None:
+        models = {"pruned": before, f"recovered ({config.mode})": result.model}
+        report = evaluate({"dense": teacher.model, **models} if teacher else models, student.tokenizer,
+                          _eval_config(args))
+        extra.update(report.files())
+    save_model(result.model, student.tokenizer, args.out, extra, args.overwrite)
+    print(f"recovery {result.stop_reason} after {result.steps} steps; best held-out loss {result.best_val_loss:.4f}")
+    if report is not None:
+        print(report.to_markdown())
+    print(f"saved to {args.out}")
 
 
 def _print_summary(plan) -> None:
@@ -433,7 +560,7 @@ def _cmd_analyze(args) -> None:
     print(f"wrote {args.out}/analysis.md, importance.png, curve.png")
 
 
-COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "score": _cmd_score, "plan": _cmd_plan, "apply": _cmd_apply, "eval": _cmd_eval}
+COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "recover": _cmd_recover, "score": _cmd_score, "plan": _cmd_plan, "apply": _cmd_apply, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: stopped cleanly, no output was written", file=sys.stderr)
+        hint = " (rerun with --resume to continue from the checkpoint)" if getattr(args, "checkpoint_dir", None) else ""
+        print(f"interrupted: stopped cleanly, no output was written{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -40,14 +40,16 @@ def _check_ratio(name: str, value: float) -> None:
 
 @dataclass
 class CalibrationConfig:
-    """How calibration text becomes batches: ``num_samples`` windows of ``seq_len`` tokens."""
+    """How calibration text becomes batches: ``num_samples`` windows of ``seq_len`` tokens for scoring, up to
+    ``recovery_samples`` windows for recovery."""
 
     num_samples: int = 32
     seq_len: int = 256
     batch_size: int = 4
+    recovery_samples: int = 256  # windows recovery trains on (it needs more text than scoring)
 
     def __post_init__(self):
-        for name in ("num_samples", "seq_len", "batch_size"):
+        for name in ("num_samples", "seq_len", "batch_size", "recovery_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"calibration {name} must be a positive integer; got {value!r}")

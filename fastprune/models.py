@@ -39,7 +39,7 @@ class LoadedModel:
 
     model: torch.nn.Module
     tokenizer: object
-    name: str
+    name: str  # a bundled name or an absolute path: load_source(name) loads it again
     inputs: tuple[Path, ...]  # protected from output
 
 
@@ -117,7 +117,7 @@ def load_source(source: str | None = None, dtype: torch.dtype = torch.float32) -
             )
         input_path = path.parent if path.is_file() else path
         model_dir = gguf_to_hf_dir(path) if path.suffix == ".gguf" else path
-        name = path.name
+        name = str(path.resolve())  # recorded as the source of pruned models, so it must load again
     _check_supported(model_dir)
     model = load(model_dir, dtype=dtype)
     try:

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.latency import latency_budget, measure_ms
 from fastprune.models import cache_dir
 from fastprune.planning import Plan, check_feasible, make_plan
+from fastprune.recovery import RecoveryConfig, recover
 from fastprune.reconstruction import collect_grams, grams_for_plan, reconstruct
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
@@ -41,6 +42,9 @@ class PruneResult:
     report: Report | None
     calibration: dict
     seconds: dict[str, float]
+    recovery: dict | None = None  # RecoveryResult.to_dict() when the model was recovered
+    steps: list[dict] = field(default_factory=list)  # per-step numbers of an iterative prune
+    plans: list[Plan] = field(default_factory=list)  # every step's plan (each applies to the previous result)
 
 
 def calibration_windows(tokenizer, calibration, config: PruningConfig, encoder: bool = False) -> TokenWindows:
@@ -67,14 +71,18 @@ def prune(
     plan: Plan | None = None,
     evaluation: EvalConfig | None = None,
     inplace: bool = False,
+    recovery: RecoveryConfig | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> PruneResult:
     """Prune ``model`` as ``config`` asks (or as a given ``plan`` says) and return the smaller dense model.
 
     The input model is left untouched unless ``inplace``. With a ``plan``, scoring and planning are skipped; the
     calibration text is then used only for ``config.reconstruct``. A latency target is planned against a latency
     table measured on this machine and then checked by measuring the pruned model (re-planned if it misses the
-    budget or undershoots it by more than ``LATENCY_SLACK``). With ``evaluation`` the original and pruned models
-    are measured side by side and the report is returned with the result.
+    budget or undershoots it by more than ``LATENCY_SLACK``). With ``recovery`` the pruned model is then trained
+    (fastprune.recovery) on every window of the calibration text, distilling from ``teacher`` (default: the input
+    model). With ``evaluation`` the original and pruned models are measured side by side and the report is
+    returned with the result.
     """
     if inplace and (evaluation is not None or config.target_latency_ms is not None):
         raise ConfigError("evaluation and latency targets need the original model, which inplace=True overwrites")
@@ -107,13 +115,26 @@ def prune(
     pruned = _cut(model, plan, config, grams, inplace, seconds)
     if config.target_latency_ms is not None:
         pruned, plan = _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, seconds)
+    recovered = None
+    if recovery is not None:
+        train = recovery_windows(tokenizer, calibration, config, encoder=not adapter.causal)
+        with _timed(seconds, "recover"):
+            recovered = recover(pruned, teacher if teacher is not None else model, train, recovery).to_dict()
     report = None
     if evaluation is not None:
         with _timed(seconds, "evaluate"):
             report = evaluate({"dense": model, "pruned": pruned}, tokenizer, evaluation)
         report.info.update({"criterion": plan.info.get("criterion"), "counts": plan.counts()})
     cal_info = windows.describe() if windows is not None else {}
-    return PruneResult(pruned, plan, scores, report, cal_info, seconds)
+    return PruneResult(pruned, plan, scores, report, cal_info, seconds, recovered, plans=[plan])
+
+
+def recovery_windows(tokenizer, calibration, config: PruningConfig, encoder: bool = False) -> TokenWindows:
+    """Up to ``recovery_samples`` windows of the calibration text (recovery needs more text than scoring)."""
+    if isinstance(calibration, TokenWindows | torch.Tensor):
+        return calibration_windows(tokenizer, calibration, config, encoder)
+    source, cal = str(calibration), config.calibration
+    return token_windows(tokenizer, read_text(source), cal.seq_len, cal.recovery_samples, source, "recovery", encoder)
 
 
 #: A latency target is met when the pruned model's measured latency is within the budget and above
@@ -194,6 +215,8 @@ def provenance(result: PruneResult, config: PruningConfig | None, source: str) -
         "calibration": result.calibration or result.plan.info.get("calibration"),
         "counts": result.plan.counts(),
         "seconds": result.seconds,
+        "recovery": result.recovery,
+        "steps": result.steps,
         "torch": torch.__version__,
     }
 
@@ -204,10 +227,12 @@ def save_result(
 ) -> Path:
     """Write the pruned model, plan, provenance and report (if any) to ``out`` in one atomic step."""
     check_output_dir(out, inputs, overwrite)
-    extra = {
-        INFO_FILE: json.dumps(provenance(result, config, source), indent=1) + "\n",
-        PLAN_FILE: json.dumps(result.plan.to_dict(), indent=1) + "\n",
-    }
+    extra = {INFO_FILE: json.dumps(provenance(result, config, source), indent=1) + "\n"}
+    if len(result.plans) > 1:  # iterative: each step's plan applies to the previous step's model
+        for k, plan in enumerate(result.plans, 1):
+            extra[f"plan-step{k}.json"] = json.dumps(plan.to_dict(), indent=1) + "\n"
+    else:
+        extra[PLAN_FILE] = json.dumps(result.plan.to_dict(), indent=1) + "\n"
     if result.report is not None:
         extra.update(result.report.files())
     path = save_model(result.model, tokenizer, out, extra, overwrite)
