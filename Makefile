@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cuda/*.cu)
 	MAX_JOBS=2 $(PIP) install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
 	touch $@
 
+# Prune 25% of SmolLM2's non-embedding parameters (planner's choice of heads and MLP channels, same widths in every
+# layer so plain transformers loads it), with Taylor and magnitude scoring alongside for comparison.
 demo: $(STAMP)
-	$(VENV)/bin/fastprune prune --out $(DEMO_OUT) --overwrite
+	$(VENV)/bin/fastprune prune --target-params 0.25 --compare taylor --compare magnitude_l2 \
+		--eval-text pydoc:heldout --eval-text licenses --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
