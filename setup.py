@@ -15,7 +15,6 @@ warns once. Set ``FASTPRUNE_STRICT_BUILD=1`` to make build failures fatal, and
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from glob import glob
 from pathlib import Path

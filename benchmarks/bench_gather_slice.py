@@ -93,9 +93,7 @@ def record(benchmark, results, device: str, case: str, mode: str, tensors, rows,
     if device == "cuda":
         for name in ("cuda", "triton"):
             try:
-                numbers[f"{name}_s"] = time_fn(
-                    lambda n=name: gs._BACKENDS[n](tensors, rows, cols, out), device
-                )
+                numbers[f"{name}_s"] = time_fn(lambda n=name: gs._BACKENDS[n](tensors, rows, cols, out), device)
             except RuntimeError as exc:  # a backend that is not built
                 numbers[f"{name}_s"] = f"unavailable: {exc}"
     results.add("gather_slice", case, device=device, **numbers)

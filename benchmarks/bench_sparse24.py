@@ -100,9 +100,7 @@ def test_sparse24_matmul(benchmark, results, device, out, inp, tokens, dtype):
     nbytes = sparse_bytes + x.nbytes + tokens * out * x.element_size()
     rounds, reps = (30, 10) if gemv else (3, 3)
 
-    benchmark.pedantic(
-        lambda: sparse24_matmul(xin, values, meta), rounds=rounds, warmup_rounds=2, iterations=1
-    )
+    benchmark.pedantic(lambda: sparse24_matmul(xin, values, meta), rounds=rounds, warmup_rounds=2, iterations=1)
     kernel_s = benchmark.stats.stats.median
     dense_s = time_fn(lambda: dense_call(dense), device, reps=reps)
     reference_s = time_fn(lambda: reference_sparse24_matmul(xin, values, meta), device, reps=reps)
@@ -119,12 +117,8 @@ def test_sparse24_matmul(benchmark, results, device, out, inp, tokens, dtype):
     }
     if gemv:  # a prefill GEMM is compute-bound: where the weight sits in the caches hardly matters
         copies = lambda: (values.clone(), meta.clone())  # noqa: E731
-        numbers["cold_s"] = time_fn(
-            rotating(lambda v, m: sparse24_matmul(xin, v, m), copies, sparse_bytes), device
-        )
-        numbers["dense_cold_s"] = time_fn(
-            rotating(dense_call, lambda: (dense.clone(),), dense.nbytes), device
-        )
+        numbers["cold_s"] = time_fn(rotating(lambda v, m: sparse24_matmul(xin, v, m), copies, sparse_bytes), device)
+        numbers["dense_cold_s"] = time_fn(rotating(dense_call, lambda: (dense.clone(),), dense.nbytes), device)
         numbers["x_dense_cold"] = numbers["dense_cold_s"] / numbers["cold_s"]
     if gemv and (out, inp) == (4096, 4096) and device == "cpu":
         numbers["bar"] = f">={GEMV_BAR:g}x dense torch.mv (hot and cold)"

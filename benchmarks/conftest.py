@@ -106,12 +106,19 @@ class Results:
 
 
 def _markdown(data: dict) -> str:
-    lines = [f"# Kernel benchmarks on {data['device']}", "", f"commit {data['commit']}, versions {data['versions']}", ""]
+    lines = [
+        f"# Kernel benchmarks on {data['device']}",
+        "",
+        f"commit {data['commit']}, versions {data['versions']}",
+        "",
+    ]
     for family, cases in sorted(data["families"].items()):
         cols = sorted({k for numbers in cases.values() for k in numbers})
         lines += [f"## {family}", "", "| case | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for case, numbers in sorted(cases.items()):
-            cells = [f"{numbers[c]:.4g}" if isinstance(numbers.get(c), float) else str(numbers.get(c, "")) for c in cols]
+            cells = [
+                f"{numbers[c]:.4g}" if isinstance(numbers.get(c), float) else str(numbers.get(c, "")) for c in cols
+            ]
             lines.append(f"| {case} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

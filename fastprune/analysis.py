@@ -53,7 +53,8 @@ class Analysis:
             f"criterion {self.criterion}; dense perplexity {self.dense_ppl:.2f} on {self.eval_text}; predictor "
             f"log(ppl/dense) = {self.fit['b']:.4g} * S^{self.fit['p']:.3g} fitted to the measured rows",
             "",
-            "| removed | non-emb params | heads / channels removed | predicted prefill ms | predicted ppl | measured ppl |",
+            "| removed | non-emb params | heads / channels removed | predicted prefill ms | predicted ppl "
+            "| measured ppl |",
             "|---|---|---|---|---|---|",
         ]
         for p in self.points:
@@ -191,8 +192,12 @@ def plot_curve(analysis: Analysis, path: Path) -> None:
     for xi, p in zip(x, pts, strict=True):
         ax.annotate(f"{p.fraction:.0%}", (xi, p.predicted_ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(analysis.dense_ppl, color="gray", ls="--", label="dense")
-    ax.set(xlabel="predicted prefill ms" if use_ms else "fraction removed", ylabel=f"perplexity ({analysis.eval_text})",
-           yscale="log", title=f"quality vs {'latency' if use_ms else 'size'} ({analysis.criterion})")
+    ax.set(
+        xlabel="predicted prefill ms" if use_ms else "fraction removed",
+        ylabel=f"perplexity ({analysis.eval_text})",
+        yscale="log",
+        title=f"quality vs {'latency' if use_ms else 'size'} ({analysis.criterion})",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

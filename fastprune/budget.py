@@ -54,7 +54,12 @@ def params_budget(shape: ModelShape, costs: ParamCosts, target: float) -> Budget
 
 
 def memory_budget(
-    shape: ModelShape, costs: ParamCosts, embedding_params: int, bytes_per_param: int, context: int, limit_mb: float
+    shape: ModelShape,
+    costs: ParamCosts,
+    embedding_params: int,
+    bytes_per_param: int,
+    context: int,
+    limit_mb: float,
 ) -> Budget:
     """Weights (embeddings included) plus the KV cache of one sequence of ``context`` tokens, in MiB."""
     mib = 2**20

@@ -43,7 +43,12 @@ def _add_reconstruction(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only slice: do not refit the output projections of cut layers by least squares on calibration text",
     )
-    g.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help=f"ridge term of the least-squares refit, relative to the mean input energy (default {DEFAULT_DAMPING})")
+    g.add_argument(
+        "--damping",
+        type=float,
+        default=DEFAULT_DAMPING,
+        help=f"ridge term of the least-squares refit, relative to the mean input energy (default {DEFAULT_DAMPING})",
+    )
 
 
 def _add_recovery(p: argparse.ArgumentParser, prefix: str) -> None:
@@ -61,8 +66,13 @@ def _add_recovery(p: argparse.ArgumentParser, prefix: str) -> None:
         elif f.type in ("bool", bool):
             g.add_argument(flag, action="store_true", dest=prefix.replace("-", "_") + f.name, help=help_text)
         else:
-            g.add_argument(flag, default=None, dest=prefix.replace("-", "_") + f.name, metavar=f.name.upper(),
-                           help=help_text)
+            g.add_argument(
+                flag,
+                default=None,
+                dest=prefix.replace("-", "_") + f.name,
+                metavar=f.name.upper(),
+                help=help_text,
+            )
 
 
 def _recovery_config(args, prefix: str, mode: str):
@@ -116,7 +126,12 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
 
 def _add_planning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to remove (ratios are fractions to remove, in [0, 1))")
-    g.add_argument("--head-ratio", type=float, default=0.0, help="fraction of query heads (of KV groups with --gqa kv_groups)")
+    g.add_argument(
+        "--head-ratio",
+        type=float,
+        default=0.0,
+        help="fraction of query heads (of KV groups with --gqa kv_groups)",
+    )
     g.add_argument("--channel-ratio", type=float, default=0.0, help="fraction of MLP channels")
     g.add_argument("--layer-ratio", type=float, default=0.0, help="fraction of layers (depth pruning)")
     g.add_argument(
@@ -159,7 +174,8 @@ def _add_planning(p: argparse.ArgumentParser) -> None:
         "--gqa",
         choices=GQA_MODES,
         default="query_heads",
-        help="query_heads: remove query heads evenly within KV groups; kv_groups: remove whole KV groups (default query_heads)",
+        help="query_heads: remove query heads evenly within KV groups; kv_groups: remove whole KV groups "
+        "(default query_heads)",
     )
     g.add_argument("--protect-first", type=int, default=0, help="never prune the first N layers")
     g.add_argument("--protect-last", type=int, default=0, help="never prune the last N layers")
@@ -256,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "the scores JSON file")
 
     p = sub.add_parser(
-        "plan", help="turn scores.json into a reviewable plan.json", description="Make a plan from saved scores."
+        "plan",
+        help="turn scores.json into a reviewable plan.json",
+        description="Make a plan from saved scores.",
     )
     p.add_argument("--scores", required=True, type=Path, help="scores.json written by `fastprune score`")
     _add_planning(p)
@@ -364,23 +382,31 @@ def _cmd_prune(args) -> None:
     if args.steps > 1:
         if plan is not None:
             raise ConfigError("--steps re-plans every round; it cannot apply a given --plan")
-        result = prune_iteratively(loaded.model, config, args.steps, args.calibration, loaded.tokenizer, recovery,
-                                   eval_config)
+        result = prune_iteratively(
+            loaded.model, config, args.steps, args.calibration, loaded.tokenizer, recovery, eval_config
+        )
     else:
         result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan, recovery=recovery)
     if eval_config is not None:
         label = result.plan.info.get("criterion", "plan") + (f" + {args.recover}" if recovery else "")
         models = {"dense": loaded.model, f"pruned ({label})": result.model}
         for criterion in args.compare:
-            other = prune(loaded.model, dataclasses.replace(config, criterion=criterion), args.calibration, loaded.tokenizer)
+            other = prune(
+                loaded.model,
+                dataclasses.replace(config, criterion=criterion),
+                args.calibration,
+                loaded.tokenizer,
+            )
             models[f"pruned ({criterion})"] = other.model
         result.report = evaluate(models, loaded.tokenizer, eval_config)
         result.report.info.update({"plan_counts": result.plan.counts(), "seconds": result.seconds})
     out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), config, loaded.name, args.overwrite)
     _print_summary(result.plan)
     for row in result.steps:
-        print(f"step {row['step']}: {row['non_embedding_params'] / 1e6:.1f}M non-embedding parameters, "
-              f"{row.get('quality', {})}")
+        print(
+            f"step {row['step']}: {row['non_embedding_params'] / 1e6:.1f}M non-embedding parameters, "
+            f"{row.get('quality', {})}"
+        )
     if result.report is not None:
         print(result.report.to_markdown())
     print(f"saved to {out}")
@@ -405,19 +431,28 @@ def _cmd_recover(args) -> None:
     teacher = load_source(teacher_source) if teacher_source else None
     check_output_dir(args.out, list(student.inputs) + (list(teacher.inputs) if teacher else []), args.overwrite)
     encoder = not adapter_for(student.model).causal
-    windows = token_windows(student.tokenizer, read_text(args.calibration), args.seq_len, args.samples,
-                            args.calibration, "recovery", encoder)
+    windows = token_windows(
+        student.tokenizer,
+        read_text(args.calibration),
+        args.seq_len,
+        args.samples,
+        args.calibration,
+        "recovery",
+        encoder,
+    )
     before = None if args.no_eval else copy.deepcopy(student.model)
-    result = recover(student.model, teacher.model if teacher else None, windows, config, args.checkpoint_dir,
-                     args.resume)
+    result = recover(
+        student.model, teacher.model if teacher else None, windows, config, args.checkpoint_dir, args.resume
+    )
     extra = {INFO_FILE: json.dumps({**info, "recovery": result.to_dict()}, indent=1) + "\n"}
     if (Path(args.model) / PLAN_FILE).is_file():
         extra[PLAN_FILE] = (Path(args.model) / PLAN_FILE).read_text()
     report = None
     if before is not None:
         models = {"pruned": before, f"recovered ({config.mode})": result.model}
-        report = evaluate({"dense": teacher.model, **models} if teacher else models, student.tokenizer,
-                          _eval_config(args))
+        report = evaluate(
+            {"dense": teacher.model, **models} if teacher else models, student.tokenizer, _eval_config(args)
+        )
         extra.update(report.files())
     save_model(result.model, student.tokenizer, args.out, extra, args.overwrite)
     print(f"recovery {result.stop_reason} after {result.steps} steps; best held-out loss {result.best_val_loss:.4f}")
@@ -430,7 +465,10 @@ def _print_summary(plan) -> None:
     c = plan.counts()
     info = plan.info
     removed = info.get("removed_fraction")
-    line = f"removed {c['heads']} query heads, {c['kv_heads']} KV heads, {c['channels']} MLP channels, {c['layers']} layers"
+    line = (
+        f"removed {c['heads']} query heads, {c['kv_heads']} KV heads, {c['channels']} MLP channels, "
+        f"{c['layers']} layers"
+    )
     if removed is not None:
         line += f" = {removed:.1%} of non-embedding parameters"
     print(line)
@@ -553,14 +591,32 @@ def _cmd_analyze(args) -> None:
     def prune_fn(model, plan):
         return prune(model, dataclasses.replace(config, target_params=None), windows, plan=plan).model
 
-    result = analyze(loaded.model, loaded.tokenizer, scores, config, fractions, check, args.eval_text,
-                     args.eval_windows, latency, prune_fn)
+    result = analyze(
+        loaded.model,
+        loaded.tokenizer,
+        scores,
+        config,
+        fractions,
+        check,
+        args.eval_text,
+        args.eval_windows,
+        latency,
+        prune_fn,
+    )
     result.save(args.out, args.overwrite)
     print(result.to_markdown())
     print(f"wrote {args.out}/analysis.md, importance.png, curve.png")
 
 
-COMMANDS = {"analyze": _cmd_analyze, "prune": _cmd_prune, "recover": _cmd_recover, "score": _cmd_score, "plan": _cmd_plan, "apply": _cmd_apply, "eval": _cmd_eval}
+COMMANDS = {
+    "analyze": _cmd_analyze,
+    "prune": _cmd_prune,
+    "recover": _cmd_recover,
+    "score": _cmd_score,
+    "plan": _cmd_plan,
+    "apply": _cmd_apply,
+    "eval": _cmd_eval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,8 +65,9 @@ class PruningConfig:
     keep), ``target_memory_mb`` (weights plus the KV cache of one ``memory_context``-token sequence) or
     ``target_latency_ms`` (``latency_kind`` prefill of ``latency_tokens`` tokens, or one decode step, measured on
     this machine). The planner then takes the units of ``granularities`` with the lowest score per unit of cost
-    until the model fits, so it chooses the mix of heads and channels itself (meaningful when the criterion's scores are comparable across unit kinds,
-    as loss estimates are: taylor, fisher, sensitivity, and obs's output errors). ``granularities=("layers",)`` drops whole layers instead.
+    until the model fits, so it chooses the mix of heads and channels itself (meaningful when the criterion's
+    scores are comparable across unit kinds, as loss estimates are: taylor, fisher, sensitivity, and obs's output
+    errors). ``granularities=("layers",)`` drops whole layers instead.
     With ``ranking="per_layer"`` every unprotected layer is cut alike, so the result keeps a plain config.
 
     With ``reconstruct`` the output projections that read the removed heads and channels are refit by least

@@ -78,8 +78,13 @@ class TokenWindows:
 
     def describe(self) -> dict:
         n, seq_len = self.ids.shape
-        return {"source": self.source, "sha256": self.digest, "text_tokens": self.total_tokens,
-                "windows": n, "seq_len": seq_len}
+        return {
+            "source": self.source,
+            "sha256": self.digest,
+            "text_tokens": self.total_tokens,
+            "windows": n,
+            "seq_len": seq_len,
+        }
 
 
 def token_windows(

@@ -39,7 +39,9 @@ def measure_ms(model, kind: str, tokens: int, repeats: int = 3) -> float:
         prefill_seconds(model, tokens, vocab)  # warm-up
         return 1000 * statistics.median(prefill_seconds(model, tokens, vocab) for _ in range(repeats))
     decode_tokens_per_second(model, 4, vocab, prompt_tokens=tokens)
-    return statistics.median(1000 / decode_tokens_per_second(model, 16, vocab, prompt_tokens=tokens) for _ in range(repeats))
+    return statistics.median(
+        1000 / decode_tokens_per_second(model, 16, vocab, prompt_tokens=tokens) for _ in range(repeats)
+    )
 
 
 def _variant_plans(shape: ModelShape) -> list[Plan]:
@@ -55,8 +57,13 @@ def _variant_plans(shape: ModelShape) -> list[Plan]:
         kept = range(drop, n)
         return Plan(shape, {i: cut for i in kept} if not cut.is_empty() else {}, list(range(drop)))
 
-    plans = [uniform(), uniform(channels=s.channels // 2), uniform(channels=3 * s.channels // 4),
-             uniform(drop=n // 2), uniform(drop=n // 2, channels=s.channels // 2)]
+    plans = [
+        uniform(),
+        uniform(channels=s.channels // 2),
+        uniform(channels=3 * s.channels // 4),
+        uniform(drop=n // 2),
+        uniform(drop=n // 2, channels=s.channels // 2),
+    ]
     if g > 1:
         plans.append(uniform(heads=g // 2 or 1))
     if s.kv_heads > 1:
@@ -67,7 +74,11 @@ def _variant_plans(shape: ModelShape) -> list[Plan]:
 
 
 def _features(shape: ModelShape) -> list[float]:
-    return [1.0, float(shape.num_layers), *(float(sum(getattr(s, k) for s in shape.layers)) for k in ("heads", "kv_heads", "channels"))]
+    return [
+        1.0,
+        float(shape.num_layers),
+        *(float(sum(getattr(s, k) for s in shape.layers)) for k in ("heads", "kv_heads", "channels")),
+    ]
 
 
 def _nonnegative_lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -85,7 +96,8 @@ def _nonnegative_lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _cache_key(shape: ModelShape, kind: str, tokens: int, dtype: torch.dtype) -> str:
     machine = [platform.machine(), platform.processor(), torch.__version__, torch.get_num_threads()]
     try:
-        machine.append(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        machine.append(next(line for line in lines if line.startswith("model name")))
     except (OSError, StopIteration):
         pass
     blob = json.dumps([shape.to_dict(), kind, tokens, str(dtype), machine], sort_keys=True)
@@ -113,8 +125,13 @@ def latency_budget(model, kind: str, tokens: int, limit_ms: float, cache_dir: Pa
     a, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
     coefficients = dict(zip(COEFFICIENTS, _nonnegative_lstsq(a, b).tolist(), strict=True))
     fitted = a @ torch.tensor(list(coefficients.values()), dtype=torch.float64)
-    logger.info("latency table (%s, %d tokens): measured %s ms, fit %s ms", kind, tokens,
-                [round(t, 1) for t in times], [round(float(t), 1) for t in fitted])
+    logger.info(
+        "latency table (%s, %d tokens): measured %s ms, fit %s ms",
+        kind,
+        tokens,
+        [round(t, 1) for t in times],
+        [round(float(t), 1) for t in fitted],
+    )
     if path is not None:
         atomic_write_text(path, json.dumps({"coefficients": coefficients, "measured_ms": times, "features": rows}))
     return Budget(f"{kind}_ms", limit_ms, **coefficients)

@@ -13,7 +13,6 @@ import torch
 from fastprune.adapters.base import Adapter
 
 
-
 @contextmanager
 def skip_layers(adapter: Adapter, layers: list[int]):
     """Make each listed layer return its input hidden states unchanged."""
@@ -67,5 +66,3 @@ def masked(adapter: Adapter, plan):
         stack.enter_context(mask_units(adapter, heads, channels))
         stack.enter_context(skip_layers(adapter, plan.drop_layers))
         yield
-
-

@@ -15,17 +15,17 @@ import torch
 
 import fastprune
 from fastprune.adapters import adapter_for
+from fastprune.budget import Budget, memory_budget
 from fastprune.config import PruningConfig
 from fastprune.data import TokenWindows, read_text, token_windows
-from fastprune.budget import Budget, memory_budget
 from fastprune.errors import CalibrationError, ConfigError, PlanError
 from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.latency import latency_budget, measure_ms
 from fastprune.models import cache_dir
 from fastprune.planning import Plan, check_feasible, make_plan
-from fastprune.recovery import RecoveryConfig, recover
 from fastprune.reconstruction import collect_grams, grams_for_plan, reconstruct
+from fastprune.recovery import RecoveryConfig, recover
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
 
@@ -54,7 +54,9 @@ def calibration_windows(tokenizer, calibration, config: PruningConfig, encoder: 
         return calibration
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.numel() == 0:
-            raise CalibrationError(f"calibration token ids must be a non-empty [N, T] tensor; got {tuple(calibration.shape)}")
+            raise CalibrationError(
+                f"calibration token ids must be a non-empty [N, T] tensor; got {tuple(calibration.shape)}"
+            )
         ids = calibration[: cal.num_samples].long()
         return TokenWindows(ids, "tensor", "", ids.numel())
     if tokenizer is None:
@@ -148,7 +150,12 @@ def _budget(model, adapter, config: PruningConfig) -> Budget | None:
         embedding = adapter.count_parameters()["total"] - adapter.count_parameters()["non_embedding"]
         itemsize = next(model.parameters()).element_size()
         return memory_budget(
-            adapter.shape(), adapter.param_costs(), embedding, itemsize, config.memory_context, config.target_memory_mb
+            adapter.shape(),
+            adapter.param_costs(),
+            embedding,
+            itemsize,
+            config.memory_context,
+            config.target_memory_mb,
         )
     if config.target_latency_ms is not None:
         return latency_budget(model, config.latency_kind, config.latency_tokens, config.target_latency_ms, cache_dir())
@@ -222,7 +229,12 @@ def provenance(result: PruneResult, config: PruningConfig | None, source: str) -
 
 
 def save_result(
-    result: PruneResult, tokenizer, out: Path, inputs: list[Path], config: PruningConfig | None, source: str,
+    result: PruneResult,
+    tokenizer,
+    out: Path,
+    inputs: list[Path],
+    config: PruningConfig | None,
+    source: str,
     overwrite: bool = False,
 ) -> Path:
     """Write the pruned model, plan, provenance and report (if any) to ``out`` in one atomic step."""

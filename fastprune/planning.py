@@ -38,7 +38,9 @@ class LayerCut:
     channels: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self.heads, self.kv_heads, self.channels = (sorted(int(i) for i in x) for x in (self.heads, self.kv_heads, self.channels))
+        self.heads, self.kv_heads, self.channels = (
+            sorted(int(i) for i in x) for x in (self.heads, self.kv_heads, self.channels)
+        )
 
     def is_empty(self) -> bool:
         return not (self.heads or self.kv_heads or self.channels)
@@ -113,7 +115,9 @@ class Plan:
             if len(cut.heads) >= s.heads:
                 raise PlanError(f"the plan removes every head of layer {i}; keep at least one (or drop the layer)")
             if len(cut.channels) >= s.channels:
-                raise PlanError(f"the plan removes every MLP channel of layer {i}; keep at least one (or drop the layer)")
+                raise PlanError(
+                    f"the plan removes every MLP channel of layer {i}; keep at least one (or drop the layer)"
+                )
             _check_gqa(i, s, cut)
 
     # -- serialisation ---------------------------------------------------------------------------------------
@@ -369,7 +373,13 @@ class _Planner:
         if "heads" in kinds:
             self._require("heads")
             out["heads"] = [
-                _Step(g.score, LayerShape(len(g.heads), len(g.kv_heads), 0), "heads", i, {i: (g.heads, g.kv_heads)})
+                _Step(
+                    g.score,
+                    LayerShape(len(g.heads), len(g.kv_heads), 0),
+                    "heads",
+                    i,
+                    {i: (g.heads, g.kv_heads)},
+                )
                 for g in self.granules(i)
             ]
         if "channels" in kinds:
@@ -380,8 +390,13 @@ class _Planner:
             first = width % block or block
             bounds = [0, first] + list(range(first + block, width - block + 1, block))
             out["channels"] = [
-                _Step(float(values[ascending[a:b]].sum()), LayerShape(0, 0, b - a), "channels", i,
-                      {i: (ascending[a:b], [])})
+                _Step(
+                    float(values[ascending[a:b]].sum()),
+                    LayerShape(0, 0, b - a),
+                    "channels",
+                    i,
+                    {i: (ascending[a:b], [])},
+                )
                 for a, b in zip(bounds, bounds[1:], strict=False)
                 if b <= width - min(block, width)
             ]

@@ -54,9 +54,7 @@ def _gather_slice_kernel(
     tl.store(dst + out_r[:, None] * out_cols + out_c[None, :], values, mask=mask_r[:, None] & mask_c[None, :])
 
 
-def gather_slice_into(
-    t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, out: torch.Tensor
-) -> None:
+def gather_slice_into(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, out: torch.Tensor) -> None:
     """Write ``t[rows][:, cols]`` into the contiguous ``out`` (1-D ``t`` takes rows only)."""
     src_rows = t.shape[0]
     src_cols = t.shape[1] if t.dim() == 2 else 1

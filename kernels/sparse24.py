@@ -82,8 +82,7 @@ def _check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
     expected = (values.shape[0], (values.shape[1] // 2 + 1) // 2)
     if meta.dtype != torch.uint8 or tuple(meta.shape) != expected:
         raise RuntimeError(
-            f"sparse24 (triton): meta must be uint8 of shape {list(expected)}, "
-            f"got {meta.dtype} {list(meta.shape)}"
+            f"sparse24 (triton): meta must be uint8 of shape {list(expected)}, got {meta.dtype} {list(meta.shape)}"
         )
 
 
@@ -95,22 +94,16 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if out.numel():
         grid = (triton.cdiv(rows, _DECOMPRESS_ROWS), triton.cdiv(cols, _DECOMPRESS_COLS))
-        _decompress_kernel[grid](
-            values, meta, out, rows, cols, meta.shape[1], _DECOMPRESS_ROWS, _DECOMPRESS_COLS
-        )
+        _decompress_kernel[grid](values, meta, out, rows, cols, meta.shape[1], _DECOMPRESS_ROWS, _DECOMPRESS_COLS)
     return out
 
 
-def gemv(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [tokens, out] = x [tokens, in] @ W^T (+ bias), one program per block of rows and token."""
     _check_compressed(values, meta)
     rows, cols = values.shape[0], 2 * values.shape[1]
     if x.dim() != 2 or x.shape[1] != cols:
-        raise RuntimeError(
-            f"sparse24 (triton): x has {x.shape[-1]} features, the compressed weight has {cols}"
-        )
+        raise RuntimeError(f"sparse24 (triton): x has {x.shape[-1]} features, the compressed weight has {cols}")
     if x.dtype != values.dtype:
         raise RuntimeError(f"sparse24 (triton): x dtype {x.dtype} must equal values dtype {values.dtype}")
     if bias is not None and tuple(bias.shape) != (rows,):

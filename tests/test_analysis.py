@@ -43,16 +43,35 @@ def test_cli_analyze_writes_curve_and_maps(tmp_path, capsys):
     byte_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "analysis"
     code = main(
-        ["analyze", "--model", str(model_dir), "--samples", "4", "--seq-len", "48", "--criterion", "taylor",
-         "--ranking", "global", "--fractions", "0.1,0.2,0.3", "--check", "0.1,0.3", "--eval-windows", "2",
-         "--no-latency", "--out", str(out)]
+        [
+            "analyze",
+            "--model",
+            str(model_dir),
+            "--samples",
+            "4",
+            "--seq-len",
+            "48",
+            "--criterion",
+            "taylor",
+            "--ranking",
+            "global",
+            "--fractions",
+            "0.1,0.2,0.3",
+            "--check",
+            "0.1,0.3",
+            "--eval-windows",
+            "2",
+            "--no-latency",
+            "--out",
+            str(out),
+        ]
     )
     assert code == 0, capsys.readouterr().err
     data = json.loads((out / "analysis.json").read_text())
     points = data["points"]
     assert [p["fraction"] for p in points] == [0.1, 0.2, 0.3]
     assert [p["measured_ppl"] is not None for p in points] == [True, False, True]
-    assert all(a["removed_score"] <= b["removed_score"] for a, b in zip(points, points[1:]))
+    assert all(a["removed_score"] <= b["removed_score"] for a, b in zip(points, points[1:], strict=False))
     for p in points:
         if p["measured_ppl"] and p["measured_ppl"] > data["dense_ppl"]:
             assert p["predicted_ppl"] == pytest.approx(p["measured_ppl"], rel=1e-6)

@@ -43,7 +43,9 @@ def test_memory_target_is_met_by_the_real_weights_and_kv_cache(tokenizer):
 def fake_ms(model, kind, tokens, repeats=3):
     """A deterministic 'machine': latency linear in widths with known coefficients."""
     shape = adapter_for(model).shape()
-    return 5.0 + 0.5 * shape.num_layers + sum(0.2 * s.heads + 0.3 * s.kv_heads + 0.01 * s.channels for s in shape.layers)
+    return (
+        5.0 + 0.5 * shape.num_layers + sum(0.2 * s.heads + 0.3 * s.kv_heads + 0.01 * s.channels for s in shape.layers)
+    )
 
 
 def test_latency_fit_recovers_a_linear_machine(monkeypatch):

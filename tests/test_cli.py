@@ -33,14 +33,35 @@ def run(args, capsys):
 def test_prune_writes_a_loadable_model_with_plan_provenance_and_report(model_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     code, stdout, err = run(
-        ["prune", "--model", str(model_dir), *FAST, *FAST_EVAL, "--head-ratio", "0.333", "--channel-ratio", "0.25",
-         "--criterion", "taylor", "--compare", "magnitude_l2", "--no-reconstruct", "--out", str(out)],
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            *FAST,
+            *FAST_EVAL,
+            "--head-ratio",
+            "0.333",
+            "--channel-ratio",
+            "0.25",
+            "--criterion",
+            "taylor",
+            "--compare",
+            "magnitude_l2",
+            "--no-reconstruct",
+            "--out",
+            str(out),
+        ],
         capsys,
     )
     assert code == 0, err
-    assert {"config.json", "model.safetensors", "plan.json", "fastprune.json", "report.json", "report.md"} <= set(
-        os.listdir(out)
-    )
+    assert {
+        "config.json",
+        "model.safetensors",
+        "plan.json",
+        "fastprune.json",
+        "report.json",
+        "report.md",
+    } <= set(os.listdir(out))
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["dense", "pruned (taylor)", "pruned (magnitude_l2)"]
     assert all(math.isfinite(r["quality"]["pydoc:heldout"]) for r in report["rows"])
@@ -60,13 +81,29 @@ def test_prune_writes_a_loadable_model_with_plan_provenance_and_report(model_dir
 
 def test_score_plan_apply_equals_prune(model_dir, tmp_path, capsys):
     scores, plan = tmp_path / "scores.json", tmp_path / "plan.json"
-    assert run(["score", "--model", str(model_dir), *FAST, "--criterion", "fisher", "--out", str(scores)], capsys)[0] == 0
+    assert (
+        run(["score", "--model", str(model_dir), *FAST, "--criterion", "fisher", "--out", str(scores)], capsys)[0] == 0
+    )
     assert run(["plan", "--scores", str(scores), "--target-params", "0.3", "--out", str(plan)], capsys)[0] == 0
-    code, _, err = run(["apply", "--model", str(model_dir), "--plan", str(plan), "--no-eval", "--out", str(tmp_path / "a")], capsys)
+    code, _, err = run(
+        ["apply", "--model", str(model_dir), "--plan", str(plan), "--no-eval", "--out", str(tmp_path / "a")],
+        capsys,
+    )
     assert code == 0, err
     code, _, err = run(
-        ["prune", "--model", str(model_dir), *FAST, "--criterion", "fisher", "--target-params", "0.3", "--no-eval",
-         "--out", str(tmp_path / "b")],
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            *FAST,
+            "--criterion",
+            "fisher",
+            "--target-params",
+            "0.3",
+            "--no-eval",
+            "--out",
+            str(tmp_path / "b"),
+        ],
         capsys,
     )
     assert code == 0, err
@@ -87,8 +124,16 @@ def _bad_plan(tmp_path, model_dir):
 
     shape = adapter_for(plan).shape().to_dict()
     path = tmp_path / "bad_plan.json"
-    path.write_text(json.dumps({"fastprune_plan": 1, "shape": shape, "drop_layers": [],
-                                "cuts": {"1": {"heads": list(range(6)), "kv_heads": [0, 1], "channels": []}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "fastprune_plan": 1,
+                "shape": shape,
+                "drop_layers": [],
+                "cuts": {"1": {"heads": list(range(6)), "kv_heads": [0, 1], "channels": []}},
+            }
+        )
+    )
     return path
 
 
@@ -97,7 +142,10 @@ def _bad_plan(tmp_path, model_dir):
     [
         ("ratio", "head_ratio must be in [0, 1)"),
         ("missing_model", "model not found"),
-        ("unsupported", "unsupported architecture 'gpt2': fastprune supports llama, mistral, qwen2, qwen3, bert"),
+        (
+            "unsupported",
+            "unsupported architecture 'gpt2': fastprune supports llama, mistral, qwen2, qwen3, bert",
+        ),
         ("empty_text", "text file is empty"),
         ("short_text", "calibration text is too short"),
         ("out_exists", "already exists; pass --overwrite"),
@@ -131,15 +179,31 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(case, message, m
     elif case == "gqa":
         args += ["--head-ratio", "0.3"]
     elif case == "all_heads":
-        args = ["apply", "--model", str(model_dir), "--plan", str(_bad_plan(tmp_path, model_dir)), "--no-eval",
-                "--out", str(out)]
+        args = [
+            "apply",
+            "--model",
+            str(model_dir),
+            "--plan",
+            str(_bad_plan(tmp_path, model_dir)),
+            "--no-eval",
+            "--out",
+            str(out),
+        ]
     elif case == "nan_scores":
         scores = tmp_path / "scores.json"
         assert main(["score", "--model", str(model_dir), "--criterion", "magnitude_l1", "--out", str(scores)]) == 0
         data = json.loads(scores.read_text())
         data["channels"][0][3] = float("nan")
         scores.write_text(json.dumps(data))
-        args = ["plan", "--scores", str(scores), "--channel-ratio", "0.2", "--out", str(tmp_path / "plan.json")]
+        args = [
+            "plan",
+            "--scores",
+            str(scores),
+            "--channel-ratio",
+            "0.2",
+            "--out",
+            str(tmp_path / "plan.json"),
+        ]
     before = sorted(os.listdir(tmp_path))
     capsys.readouterr()
     code, stdout, err = run(args, capsys)

@@ -24,8 +24,24 @@ def model_dir(tmp_path_factory):
 
 def test_prune_with_recovery_records_it(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["prune", "--model", str(model_dir), *FAST, *FAST_EVAL, "--criterion", "taylor", "--target-params",
-                 "0.3", "--recover", "finetune", *FAST_RECOVERY, "--out", str(out)])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            *FAST,
+            *FAST_EVAL,
+            "--criterion",
+            "taylor",
+            "--target-params",
+            "0.3",
+            "--recover",
+            "finetune",
+            *FAST_RECOVERY,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "fastprune.json").read_text())
     assert info["recovery"]["config"]["mode"] == "finetune" and info["recovery"]["steps"] == 3
@@ -35,9 +51,28 @@ def test_prune_with_recovery_records_it(model_dir, tmp_path, capsys):
 
 def test_iterative_prune_reaches_the_target_in_steps(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["prune", "--model", str(model_dir), *FAST, *FAST_EVAL, "--criterion", "taylor", "--ranking",
-                 "global", "--target-params", "0.4", "--steps", "2", "--recover", "distill", *FAST_RECOVERY,
-                 "--out", str(out)])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            *FAST,
+            *FAST_EVAL,
+            "--criterion",
+            "taylor",
+            "--ranking",
+            "global",
+            "--target-params",
+            "0.4",
+            "--steps",
+            "2",
+            "--recover",
+            "distill",
+            *FAST_RECOVERY,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "fastprune.json").read_text())
     steps = info["steps"]
@@ -52,11 +87,46 @@ def test_iterative_prune_reaches_the_target_in_steps(model_dir, tmp_path, capsys
 
 def test_recover_command_distils_from_the_source_model(model_dir, tmp_path, capsys):
     pruned = tmp_path / "pruned"
-    assert main(["prune", "--model", str(model_dir), *FAST, "--no-eval", "--no-reconstruct", "--target-params",
-                 "0.3", "--criterion", "magnitude_l2", "--out", str(pruned)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(model_dir),
+                *FAST,
+                "--no-eval",
+                "--no-reconstruct",
+                "--target-params",
+                "0.3",
+                "--criterion",
+                "magnitude_l2",
+                "--out",
+                str(pruned),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "recovered"
-    code = main(["recover", "--model", str(pruned), "--seq-len", "48", "--samples", "20", "--max-steps", "4", "--eval-every", "2",
-                 "--batch-size", "2", *FAST_EVAL, "--out", str(out)])
+    code = main(
+        [
+            "recover",
+            "--model",
+            str(pruned),
+            "--seq-len",
+            "48",
+            "--samples",
+            "20",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "2",
+            *FAST_EVAL,
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())

@@ -100,7 +100,10 @@ def test_output_inside_or_around_the_input_is_refused(tmp_path):
 def test_saved_output_records_how_it_was_made(tmp_path, tokenizer):
     model = tiny_decoder(heads=6, kv_heads=2)
     config = PruningConfig(
-        criterion="taylor", target_params=0.2, seed=3, calibration=CalibrationConfig(num_samples=2, seq_len=64)
+        criterion="taylor",
+        target_params=0.2,
+        seed=3,
+        calibration=CalibrationConfig(num_samples=2, seq_len=64),
     )
     result = fastprune.prune(model, config, "pydoc:calibration", tokenizer=tokenizer)
     out = fastprune.save_result(result, tokenizer, tmp_path / "out", [], config, "tiny")

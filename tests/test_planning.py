@@ -73,8 +73,15 @@ def test_kept_widths_are_multiples_of_round_to():
 
 
 def test_protected_layers_are_untouched_and_min_heads_respected():
-    p = plan(head_ratio=0.2, gqa="kv_groups", protect_first=2, protect_last=3, min_heads=6, channel_ratio=0.2,
-             ranking="global")
+    p = plan(
+        head_ratio=0.2,
+        gqa="kv_groups",
+        protect_first=2,
+        protect_last=3,
+        min_heads=6,
+        channel_ratio=0.2,
+        ranking="global",
+    )
     for i in (0, 1, 27, 28, 29):
         assert p.cut(i).is_empty()
     for i in range(2, 27):

@@ -25,9 +25,29 @@ def test_cli_prunes_smollm2_and_the_output_reloads_with_plain_from_pretrained(tm
     _require("smollm2")
     out = tmp_path / "smol"
     code = main(
-        ["prune", "--samples", "4", "--seq-len", "128", "--batch-size", "2", "--channel-ratio", "0.25",
-         "--ranking", "per_layer", "--eval-windows", "2", "--eval-text", "pydoc:heldout", "--eval-text", "licenses",
-         "--rounds", "1", "--out", str(out)]
+        [
+            "prune",
+            "--samples",
+            "4",
+            "--seq-len",
+            "128",
+            "--batch-size",
+            "2",
+            "--channel-ratio",
+            "0.25",
+            "--ranking",
+            "per_layer",
+            "--eval-windows",
+            "2",
+            "--eval-text",
+            "pydoc:heldout",
+            "--eval-text",
+            "licenses",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -49,9 +69,28 @@ def test_minilm_head_pruning_keeps_embeddings_close_and_reloads(tmp_path, capsys
     _require("minilm")
     out = tmp_path / "minilm"
     code = main(
-        ["prune", "--model", "minilm", "--samples", "8", "--seq-len", "64", "--criterion", "activation",
-         "--head-ratio", "0.25", "--ranking", "per_layer", "--eval-windows", "8", "--eval-seq-len", "64",
-         "--no-latency", "--out", str(out)]
+        [
+            "prune",
+            "--model",
+            "minilm",
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "--criterion",
+            "activation",
+            "--head-ratio",
+            "0.25",
+            "--ranking",
+            "per_layer",
+            "--eval-windows",
+            "8",
+            "--eval-seq-len",
+            "64",
+            "--no-latency",
+            "--out",
+            str(out),
+        ]
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err

@@ -102,9 +102,7 @@ DECODER_RUNS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mode", "use_teacher", "lr"), DECODER_RUNS, ids=["finetune", "distill", "lora-kd", "lora"]
-)
+@pytest.mark.parametrize(("mode", "use_teacher", "lr"), DECODER_RUNS, ids=["finetune", "distill", "lora-kd", "lora"])
 def test_decoder_modes_lower_heldout_perplexity(text_windows, teacher_and_pruned, mode, use_teacher, lr):
     train, heldout = text_windows
     teacher, pruned = teacher_and_pruned
@@ -174,9 +172,7 @@ def test_distillation_kl_matches_direct_computation(temperature):
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 3, 7, 261, generator=gen).mul(4).unbind()
     got = distillation_kl(student, teacher, temperature)
-    torch.testing.assert_close(
-        got.double(), reference_kl(student, teacher, temperature), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(got.double(), reference_kl(student, teacher, temperature), atol=1e-5, rtol=1e-5)
     assert distillation_kl(teacher, teacher, temperature).abs() < 1e-6
 
 
@@ -255,9 +251,7 @@ def test_early_stopping_keeps_the_best_weights(text_windows, teacher_and_pruned)
     student = copy.deepcopy(teacher_and_pruned[1])
     original = trainable_weights(student)
     # A learning rate this large makes every step worse than the start: the start stays best.
-    config = RecoveryConfig(
-        mode="finetune", lr=1.0, warmup=0.0, epochs=50, batch_size=8, eval_every=1, patience=2
-    )
+    config = RecoveryConfig(mode="finetune", lr=1.0, warmup=0.0, epochs=50, batch_size=8, eval_every=1, patience=2)
     result = recover(student, None, train, config)
     assert result.stopped_early and result.steps == 2 and result.best_step == 0
     assert result.history[1].val_loss > result.history[0].val_loss
@@ -351,9 +345,7 @@ def test_in_process_resume_after_lora_interrupt(tmp_path, text_windows, teacher_
     assert all(torch.equal(p, want[n]) for n, p in resumed.model.named_parameters())
 
 
-def test_interrupted_checkpoint_write_leaves_the_previous_one(
-    tmp_path, monkeypatch, text_windows, teacher_and_pruned
-):
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch, text_windows, teacher_and_pruned):
     teacher, pruned = teacher_and_pruned
     ids = text_windows[0].ids[:40]
     config = RecoveryConfig(lr=5e-3, epochs=2, batch_size=4, eval_every=3, checkpoint_every=2)
@@ -407,9 +399,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, text_windows, teac
     config = RecoveryConfig(lr=5e-3, epochs=1, batch_size=4, checkpoint_every=2)
     recover(copy.deepcopy(pruned), teacher, ids, config, checkpoint_dir=tmp_path)
     with pytest.raises(ConfigError, match="config"):
-        recover(
-            copy.deepcopy(pruned), teacher, ids, dataclasses.replace(config, lr=1e-3), tmp_path, resume=True
-        )
+        recover(copy.deepcopy(pruned), teacher, ids, dataclasses.replace(config, lr=1e-3), tmp_path, resume=True)
     with pytest.raises(ConfigError, match="windows"):
         recover(copy.deepcopy(pruned), teacher, ids.flip(0), config, tmp_path, resume=True)
     # A longer time budget is no different run: it may resume.

@@ -127,7 +127,12 @@ def test_uniform_pruning_keeps_a_plain_config():
     cuts = {i: LayerCut(heads=[0, 3], channels=list(range(16))) for i in range(shape.num_layers)}
     pruned = pruned_copy(model, Plan(shape, cuts))
     cfg = pruned.config
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.head_dim) == (4, 2, 32, 8)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.head_dim) == (
+        4,
+        2,
+        32,
+        8,
+    )
     assert not hasattr(cfg, "auto_map")
     assert not any(k.endswith("_per_layer") for k in cfg.to_dict())
 

@@ -23,8 +23,16 @@ from fastprune.planning import LayerCut, Plan
 VOCAB = 260  # the byte tokenizer's size
 
 
-def tiny_decoder(kind: str = "llama", heads: int = 6, kv_heads: int = 2, layers: int = 4, channels: int = 44,
-                 seed: int = 0, tie: bool = True, **extra) -> torch.nn.Module:
+def tiny_decoder(
+    kind: str = "llama",
+    heads: int = 6,
+    kv_heads: int = 2,
+    layers: int = 4,
+    channels: int = 44,
+    seed: int = 0,
+    tie: bool = True,
+    **extra,
+) -> torch.nn.Module:
     """A randomly initialised Llama-family decoder small enough to run in milliseconds."""
     torch.manual_seed(seed)
     common = dict(

@@ -45,9 +45,7 @@ def reference_gather_slice(tensors: Sequence[Tensor], rows: Indices, cols: Indic
 
 
 def _check_args(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> None:
-    torch._check(
-        len(tensors) == len(rows) == len(cols), lambda: "gather_slice: one row and col entry per tensor"
-    )
+    torch._check(len(tensors) == len(rows) == len(cols), lambda: "gather_slice: one row and col entry per tensor")
     for i, (t, r, c) in enumerate(zip(tensors, rows, cols, strict=True)):
         torch._check(t.dim() in (1, 2), lambda i=i: f"gather_slice: tensor {i} must be 1-D or 2-D")
         torch._check(
@@ -85,9 +83,7 @@ def _check_bounds(tensors: Sequence[Tensor], rows: Indices, cols: Indices) -> No
                 )
 
 
-def _run_reference(
-    tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None
-) -> list[Tensor]:
+def _run_reference(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
     _check_bounds(tensors, rows, cols)
     result = reference_gather_slice(tensors, rows, cols)
     if out is None:
@@ -204,9 +200,7 @@ def _pick_backend(device: torch.device) -> str:
 
 
 @torch.library.custom_op("fastprune::gather_slice", mutates_args=())
-def _gather_slice_op(
-    tensors: list[Tensor], rows: list[Tensor | None], cols: list[Tensor | None]
-) -> list[Tensor]:
+def _gather_slice_op(tensors: list[Tensor], rows: list[Tensor | None], cols: list[Tensor | None]) -> list[Tensor]:
     if not tensors:
         return []
     return _BACKENDS[_pick_backend(tensors[0].device)](tensors, rows, cols)
@@ -263,13 +257,9 @@ def _check_out(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Seq
         expected = _new_output(t, r, c).shape
         torch._check(
             o.shape == expected,
-            lambda i=i, s=tuple(o.shape), e=tuple(expected): (
-                f"gather_slice: output {i} has shape {s}, not {e}"
-            ),
+            lambda i=i, s=tuple(o.shape), e=tuple(expected): f"gather_slice: output {i} has shape {s}, not {e}",
         )
-        torch._check(
-            o.dtype == t.dtype, lambda i=i: f"gather_slice: output {i} has another dtype than tensor {i}"
-        )
+        torch._check(o.dtype == t.dtype, lambda i=i: f"gather_slice: output {i} has another dtype than tensor {i}")
         torch._check(o.device == t.device, lambda i=i: f"gather_slice: output {i} is on another device")
         torch._check(o.is_contiguous(), lambda i=i: f"gather_slice: output {i} must be contiguous")
 

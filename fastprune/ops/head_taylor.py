@@ -72,9 +72,7 @@ def _check_args(weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None
         w_dtype == g_dtype,
         lambda: f"head_taylor: weight and grad must have the same dtype, got {w_dtype} and {g_dtype}",
     )
-    _check(
-        w_dtype in _DTYPES, lambda: f"head_taylor: dtype must be float32, bfloat16 or float16, got {w_dtype}"
-    )
+    _check(w_dtype in _DTYPES, lambda: f"head_taylor: dtype must be float32, bfloat16 or float16, got {w_dtype}")
     _check(weight.device == grad.device, lambda: "head_taylor: weight and grad are on different devices")
     _check(ndim in (1, 2), lambda: f"head_taylor: weight must be 1-D or 2-D, got {ndim}-D")
     _check(
@@ -214,9 +212,7 @@ def _scores(weight: Tensor, grad: Tensor, dim: int, group_size: int) -> Tensor:
 
 
 @torch.library.custom_op("fastprune::head_taylor_accumulate_", mutates_args=("scores",))
-def _head_taylor_accumulate_op(
-    scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size: int
-) -> None:
+def _head_taylor_accumulate_op(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None:
     _accumulate(scores, weight, grad, dim, group_size)
 
 
@@ -254,9 +250,7 @@ def head_taylor(weight: Tensor, grad: Tensor, *, dim: int, group_size: int) -> T
     return _head_taylor_op(weight, grad, dim, group_size)
 
 
-def head_taylor_accumulate_(
-    scores: Tensor, weight: Tensor, grad: Tensor, *, dim: int, group_size: int
-) -> None:
+def head_taylor_accumulate_(scores: Tensor, weight: Tensor, grad: Tensor, *, dim: int, group_size: int) -> None:
     """Add ``head_taylor(weight, grad, dim=dim, group_size=group_size)`` into float32 ``scores`` in place."""
     _check_tensors(scores=scores, weight=weight, grad=grad)
     _check_args(weight, grad, dim, group_size)

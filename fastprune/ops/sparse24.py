@@ -51,9 +51,7 @@ def meta_columns(in_features: int) -> int:
 # ---------------------------------------------------------------------------------------------- reference
 
 
-def reference_sparse24_mask(
-    weight: Tensor, score: Tensor | None = None, act_norm: Tensor | None = None
-) -> Tensor:
+def reference_sparse24_mask(weight: Tensor, score: Tensor | None = None, act_norm: Tensor | None = None) -> Tensor:
     """Plain PyTorch: bool mask keeping the 2 highest-scoring of every 4 consecutive inputs."""
     _check_weight("sparse24_mask", weight, score, act_norm)
     s = _scores(weight, score, act_norm).view(weight.shape[0], weight.shape[1] // 4, 4)
@@ -143,9 +141,7 @@ def _check_weight(op: str, weight: Tensor, score: Tensor | None, act_norm: Tenso
             ),
         )
         torch._check(act_norm.dtype.is_floating_point, lambda: f"{op}: act_norm must be a floating tensor")
-        torch._check(
-            act_norm.device == weight.device, lambda: f"{op}: act_norm is on another device than weight"
-        )
+        torch._check(act_norm.device == weight.device, lambda: f"{op}: act_norm is on another device than weight")
 
 
 def _check_compressed(op: str, values: Tensor, meta: Tensor) -> None:
@@ -158,15 +154,12 @@ def _check_compressed(op: str, values: Tensor, meta: Tensor) -> None:
         values.shape[1] % 2 == 0,
         lambda: f"{op}: values has {values.shape[1]} columns; 2:4 needs in_features divisible by 4",
     )
-    torch._check(
-        meta.dim() == 2 and meta.dtype == torch.uint8, lambda: f"{op}: meta must be a 2-D uint8 tensor"
-    )
+    torch._check(meta.dim() == 2 and meta.dtype == torch.uint8, lambda: f"{op}: meta must be a 2-D uint8 tensor")
     expected = (values.shape[0], meta_columns(2 * values.shape[1]))
     torch._check(
         tuple(meta.shape) == expected,
         lambda: (
-            f"{op}: meta shape {tuple(meta.shape)} does not match values {tuple(values.shape)} "
-            f"(expected {expected})"
+            f"{op}: meta shape {tuple(meta.shape)} does not match values {tuple(values.shape)} (expected {expected})"
         ),
     )
     torch._check(meta.device == values.device, lambda: f"{op}: meta is on another device than values")
@@ -177,9 +170,7 @@ def _check_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) 
     torch._check(x.dim() >= 1, lambda: "sparse24_matmul: x must have at least 1 dim")
     torch._check(
         x.shape[-1] == 2 * values.shape[1],
-        lambda: (
-            f"sparse24_matmul: x has {x.shape[-1]} features, the compressed weight has {2 * values.shape[1]}"
-        ),
+        lambda: f"sparse24_matmul: x has {x.shape[-1]} features, the compressed weight has {2 * values.shape[1]}",
     )
     torch._check(
         x.dtype == values.dtype,
@@ -189,9 +180,7 @@ def _check_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) 
     if bias is not None:
         torch._check(
             bias.dim() == 1 and bias.shape[0] == values.shape[0],
-            lambda: (
-                f"sparse24_matmul: bias must be 1-D with {values.shape[0]} entries, got {tuple(bias.shape)}"
-            ),
+            lambda: f"sparse24_matmul: bias must be 1-D with {values.shape[0]} entries, got {tuple(bias.shape)}",
         )
         torch._check(bias.dtype == x.dtype, lambda: "sparse24_matmul: bias dtype must equal x dtype")
         torch._check(bias.device == x.device, lambda: "sparse24_matmul: bias is on another device than x")
@@ -487,9 +476,7 @@ def vendor_sparse_available(device: torch.device | str) -> bool:
 def to_vendor_sparse(values: Tensor, meta: Tensor) -> Tensor:
     """The weight as torch's semi-structured sparse tensor (vendor 2:4 kernels), for ``F.linear(x, w)``."""
     if not vendor_sparse_available(values.device):
-        raise RuntimeError(
-            "sparse24: torch's semi-structured sparsity needs a CUDA GPU of compute capability 8.0+"
-        )
+        raise RuntimeError("sparse24: torch's semi-structured sparsity needs a CUDA GPU of compute capability 8.0+")
     return torch.sparse.to_sparse_semi_structured(sparse24_decompress(values, meta))
 
 
@@ -521,6 +508,4 @@ class Sparse24Linear(torch.nn.Module):
         return sparse24_decompress(self.values, self.meta)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -62,9 +62,7 @@ class RecoveryConfig:
     lora_targets: tuple[str, ...] | None = _opt(
         None, "module names (or name suffixes) that get LoRA; default: every attention and MLP projection"
     )
-    time_budget_min: float | None = _opt(
-        None, "stop cleanly before this many minutes of wall time; keep the best"
-    )
+    time_budget_min: float | None = _opt(None, "stop cleanly before this many minutes of wall time; keep the best")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     lean: bool = _opt(False, "memory-lean CPU mode: freeze embeddings and norms, no multi-tensor optimizer")
     checkpoint_every: int = _opt(100, "write a resumable checkpoint every this many optimizer steps")
@@ -76,9 +74,7 @@ class RecoveryConfig:
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
             if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
-                raise ConfigError(
-                    f"recovery lora_targets must be non-empty module names; got {self.lora_targets!r}"
-                )
+                raise ConfigError(f"recovery lora_targets must be non-empty module names; got {self.lora_targets!r}")
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "lora_rank", "checkpoint_every"):
             _check_int(name, getattr(self, name), 1)
         _check_int("patience", self.patience, 0)
@@ -94,9 +90,7 @@ class RecoveryConfig:
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, "in [0, 1)")
         _check_range("alpha", self.alpha, 0.0, 1.0, "in [0, 1]", open_high=False)
         if self.mode == "finetune" and self.hidden_weight > 0:
-            raise ConfigError(
-                "hidden_weight compares hidden states with a teacher's; mode finetune uses none"
-            )
+            raise ConfigError("hidden_weight compares hidden states with a teacher's; mode finetune uses none")
 
     @property
     def learning_rate(self) -> float:

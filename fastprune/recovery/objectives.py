@@ -29,9 +29,7 @@ from fastprune.recovery.config import RecoveryConfig
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
 
-def distillation_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(teacher || student) of the temperature-softened distributions, averaged over positions."""
     log_s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
@@ -57,8 +55,7 @@ def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int
     compared layer by layer, and a depth-pruned student is compared at proportional depths.
     """
     return [
-        (i, (2 * i * teacher_layers + student_layers) // (2 * student_layers))
-        for i in range(1, student_layers + 1)
+        (i, (2 * i * teacher_layers + student_layers) // (2 * student_layers)) for i in range(1, student_layers + 1)
     ]
 
 
@@ -117,14 +114,10 @@ def _encoder_distillation(adapter: Adapter, teacher: nn.Module, ids: torch.Tenso
 def _check_teacher(adapter: Adapter, teacher: nn.Module, config: RecoveryConfig) -> None:
     teacher_adapter = adapter_for(teacher)
     if teacher_adapter.causal != adapter.causal:
-        raise ConfigError(
-            "the teacher must be the same kind of model as the student (both decoders or encoders)"
-        )
+        raise ConfigError("the teacher must be the same kind of model as the student (both decoders or encoders)")
     s, t = adapter.config, teacher_adapter.config
     if adapter.causal and s.vocab_size != t.vocab_size:
         raise ConfigError(f"teacher vocabulary ({t.vocab_size}) differs from the student's ({s.vocab_size})")
     compares_hidden = config.hidden_weight > 0 or not adapter.causal
     if compares_hidden and s.hidden_size != t.hidden_size:
-        raise ConfigError(
-            f"teacher hidden size ({t.hidden_size}) differs from the student's ({s.hidden_size})"
-        )
+        raise ConfigError(f"teacher hidden size ({t.hidden_size}) differs from the student's ({s.hidden_size})")

@@ -166,9 +166,7 @@ class _Progress:
 class _Run:
     """One recovery run: the optimizer, schedule and progress of training ``model`` on ``objective``."""
 
-    def __init__(
-        self, model, objective: Objective, train_ids, val_ids, config: RecoveryConfig, checkpoint_dir
-    ):
+    def __init__(self, model, objective: Objective, train_ids, val_ids, config: RecoveryConfig, checkpoint_dir):
         self.model, self.objective, self.config = model, objective, config
         self.train_ids, self.val_ids = train_ids, val_ids
         self.checkpoint_dir = checkpoint_dir
@@ -214,9 +212,7 @@ class _Run:
             config.learning_rate,
             sum(t.numel() for t in self.params.values()),
         )
-        bar = tqdm(
-            total=self.total_steps, initial=p.step, desc=f"recover ({config.mode})", unit="step", disable=None
-        )
+        bar = tqdm(total=self.total_steps, initial=p.step, desc=f"recover ({config.mode})", unit="step", disable=None)
         try:
             with bar:
                 while True:
@@ -249,11 +245,7 @@ class _Run:
 
     def _checkpoint_due(self) -> bool:
         step = self.progress.step
-        return (
-            self.checkpoint_dir is not None
-            and step % self.config.checkpoint_every == 0
-            and step != self.saved_step
-        )
+        return self.checkpoint_dir is not None and step % self.config.checkpoint_every == 0 and step != self.saved_step
 
     def _stop_reason(self, out_of_time: bool) -> str | None:
         p = self.progress
@@ -425,9 +417,7 @@ def _teacher_for(config: RecoveryConfig, teacher: nn.Module | None) -> nn.Module
             logger.info("mode finetune trains on the text alone; the teacher is not used")
         return None
     if teacher is None and config.hidden_weight > 0:
-        raise ConfigError(
-            "hidden_weight compares hidden states with a teacher's; give a teacher or set it to 0"
-        )
+        raise ConfigError("hidden_weight compares hidden states with a teacher's; give a teacher or set it to 0")
     return teacher
 
 
@@ -435,9 +425,7 @@ def _window_ids(windows: TokenWindows | torch.Tensor) -> torch.Tensor:
     ids = windows.ids if isinstance(windows, TokenWindows) else windows
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0 or ids.is_floating_point():
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise CalibrationError(
-            f"recovery windows must be a non-empty [N, T] tensor of token ids; got {shape}"
-        )
+        raise CalibrationError(f"recovery windows must be a non-empty [N, T] tensor of token ids; got {shape}")
     return ids.long()
 
 

@@ -4,8 +4,8 @@ For the projection that reads a unit (o_proj for heads, down_proj for channels) 
 matrix C over the calibration tokens, removing the input columns J and refitting the others by least squares
 raises the squared output error by  trace(W_J (H^-1)_JJ^-1 W_J^T),  H = C + damping*I. The criterion removes units
 greedily by that cost, updating W and H^-1 after each removal (the refit), and scores each unit by the running
-maximum of the costs at which it would go (strictly increasing): a unit removed later scores higher. Removing the lowest-scoring units
-and then refitting (fastprune.reconstruction) is exactly this greedy procedure.
+maximum of the costs at which it would go (strictly increasing): a unit removed later scores higher. Removing the
+lowest-scoring units and then refitting (fastprune.reconstruction) is exactly this greedy procedure.
 
 Channels go ``CHANNEL_BLOCK`` at a time (matching the default width rounding), heads one at a time. The costs of
 heads and channels are both squared errors of what the layer adds to the residual stream, so a parameter target
@@ -73,8 +73,6 @@ def obs_scores(adapter: Adapter, grams: InputGrams, damping: float) -> Scores:
     heads, channels = [], []
     for i in tqdm(range(shape.num_layers), desc="obs", unit="layer", disable=None, leave=False):
         heads.append(obs_group_scores(adapter.attention(i).o.weight, grams.heads[i], adapter.head_dim, 1, damping))
-        channels.append(
-            obs_group_scores(adapter.mlp(i).output.weight, grams.channels[i], 1, CHANNEL_BLOCK, damping)
-        )
+        channels.append(obs_group_scores(adapter.mlp(i).output.weight, grams.channels[i], 1, CHANNEL_BLOCK, damping))
     kv_heads = [torch.zeros(s.kv_heads, dtype=torch.float64) for s in shape.layers]
     return Scores("obs", shape, heads=heads, kv_heads=kv_heads, channels=channels, info={"damping": damping})

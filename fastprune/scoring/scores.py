@@ -56,7 +56,9 @@ class Scores:
                 _check_finite(t, f"{kind} scores of layer {i}", self.criterion)
         if self.layers is not None:
             if self.layers.shape != (self.shape.num_layers,):
-                raise ScoreError(f"layer scores have shape {tuple(self.layers.shape)}; expected ({self.shape.num_layers},)")
+                raise ScoreError(
+                    f"layer scores have shape {tuple(self.layers.shape)}; expected ({self.shape.num_layers},)"
+                )
             _check_finite(self.layers, "layer scores", self.criterion)
 
     def param_costs(self) -> ParamCosts:
@@ -89,7 +91,13 @@ class Scores:
                 for k in ("heads", "kv_heads", "channels")
             }
             layers = None if d.get("layers") is None else torch.tensor(d["layers"], dtype=torch.float64)
-            return cls(d["criterion"], ModelShape.from_dict(d["shape"]), **per_layer, layers=layers, info=d.get("info", {}))
+            return cls(
+                d["criterion"],
+                ModelShape.from_dict(d["shape"]),
+                **per_layer,
+                layers=layers,
+                info=d.get("info", {}),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ScoreError(f"malformed scores: {exc}") from exc
 
@@ -118,4 +126,3 @@ def _check_finite(t: torch.Tensor, what: str, criterion: str) -> None:
             f"{what} from criterion {criterion!r} contain {bad} {kind} value(s): the calibration forward/backward "
             f"overflowed or diverged (try float32, or fewer/shorter calibration windows)"
         )
-

@@ -43,5 +43,11 @@ def sensitivity_scores(adapter: Adapter, batches: list[torch.Tensor], heads: boo
             head_scores.append(row)
         kv_scores = [torch.zeros(s.kv_heads, dtype=torch.float64) for s in shape.layers]
     bar.close()
-    return Scores("sensitivity", shape, heads=head_scores, kv_heads=kv_scores, layers=layer_scores,
-                  info={"base_loss": base})
+    return Scores(
+        "sensitivity",
+        shape,
+        heads=head_scores,
+        kv_heads=kv_scores,
+        layers=layer_scores,
+        info={"base_loss": base},
+    )

@@ -12,7 +12,7 @@ from fastprune.adapters.base import Adapter
 
 @dataclass(frozen=True)
 class UnitSlice:
-    """``param`` split along ``dim`` into consecutive groups of ``group_size``: group j belongs to unit j of ``kind``."""
+    """``param`` split along ``dim`` into groups of ``group_size``: group j belongs to unit j of ``kind``."""
 
     layer: int
     kind: str  # "heads", "kv_heads" or "channels"

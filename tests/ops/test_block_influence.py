@@ -213,12 +213,8 @@ def test_triton_interpreted():
 
 
 @interpreted_only
-@pytest.mark.parametrize(
-    "layout", ["contiguous", "sliced_tokens", "wide_rows", "hidden_strided", "broadcast"]
-)
-@pytest.mark.parametrize(
-    "shape", [(1, 1), (5,), (7, 13), (2, 7, 33), (3, 1, 130), (2, 1500), (2, 3, 0), (0, 8)]
-)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced_tokens", "wide_rows", "hidden_strided", "broadcast"])
+@pytest.mark.parametrize("shape", [(1, 1), (5,), (7, 13), (2, 7, 33), (3, 1, 130), (2, 1500), (2, 3, 0), (0, 8)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_interpreted_triton_backend(dtype, shape, layout):
     check_backend("triton", shape, dtype, layout)
@@ -237,9 +233,7 @@ def test_interpreted_dispatch_and_opcheck():
     x, y = sample_inputs((2, 5, 24), torch.float16)
     assert_matches(block_influence(x, y), reference(x, y))
     torch.library.opcheck(torch.ops.fastprune.block_influence.default, (x, y))
-    torch.library.opcheck(
-        torch.ops.fastprune.block_influence_accumulate_.default, (torch.zeros(2).double(), x, y)
-    )
+    torch.library.opcheck(torch.ops.fastprune.block_influence_accumulate_.default, (torch.zeros(2).double(), x, y))
 
 
 @needs_gpu
@@ -281,9 +275,7 @@ def test_opcheck():
     x, y = sample_inputs((2, 5, 24), torch.float32)
     torch.library.opcheck(torch.ops.fastprune.block_influence.default, (x, y))
     torch.library.opcheck(torch.ops.fastprune.block_influence.default, (x[:, 1:], y[:, :-1]))
-    torch.library.opcheck(
-        torch.ops.fastprune.block_influence_accumulate_.default, (torch.zeros(2).double(), x, y)
-    )
+    torch.library.opcheck(torch.ops.fastprune.block_influence_accumulate_.default, (torch.zeros(2).double(), x, y))
 
 
 def test_compiles_with_fake_tensors():

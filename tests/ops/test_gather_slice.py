@@ -164,9 +164,7 @@ def test_strided_indices(request, backend):
     w = torch.randn(20, 30)
     rows, cols = (torch.arange(40) % 20)[::3], torch.arange(30, dtype=torch.int32)[1::2]
     assert not rows.is_contiguous() and not cols.is_contiguous()
-    torch.testing.assert_close(
-        gs._BACKENDS[backend]([w], [rows], [cols])[0], reference(w, rows, cols), atol=0, rtol=0
-    )
+    torch.testing.assert_close(gs._BACKENDS[backend]([w], [rows], [cols])[0], reference(w, rows, cols), atol=0, rtol=0)
 
 
 @needs_triton
@@ -204,9 +202,7 @@ def test_public_gather_slice_layer_group(dtype):
     q, k, v, o = (torch.randn(hidden, hidden, generator=gen).to(dtype) for _ in range(4))
     bq = torch.randn(hidden, generator=gen).to(dtype)
     keep = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in (0, 2, 5)])  # 3 of 6 heads
-    out = gather_slice(
-        [q, k, v, bq, o], rows=[keep, keep, keep, keep, None], cols=[None, None, None, None, keep]
-    )
+    out = gather_slice([q, k, v, bq, o], rows=[keep, keep, keep, keep, None], cols=[None, None, None, None, keep])
     for got, t, r, c in zip(out, [q, k, v, bq, o], [keep] * 4 + [None], [None] * 4 + [keep], strict=True):
         torch.testing.assert_close(got, reference(t, r, c), atol=0, rtol=0)
     assert gather_slice([]) == []
@@ -349,9 +345,7 @@ def test_cpu_kernel_checks_every_index_before_writing():
     """A bad index in the last tensor fails the whole call, before any output exists."""
     good = torch.randn(64, 64)
     with pytest.raises(IndexError, match="tensor 1"):
-        torch.ops.fastprune_cpu.gather_slice(
-            [good, good], [None, torch.tensor([0, 64])], [torch.arange(32), None]
-        )
+        torch.ops.fastprune_cpu.gather_slice([good, good], [None, torch.tensor([0, 64])], [torch.arange(32), None])
 
 
 @pytest.mark.skipif(not CUDA_BUILT, reason="CUDA module not built (no nvcc at build time)")

@@ -180,18 +180,14 @@ def test_interpreted_extreme_16bit_values(dtype):
 @interpreted_only
 def test_interpreted_opcheck():
     w, g = sample_inputs((12, 20), torch.float16)
-    torch.library.opcheck(
-        torch.ops.fastprune.head_taylor_accumulate_.default, (torch.zeros(2, 3), w, g, 0, 4)
-    )
+    torch.library.opcheck(torch.ops.fastprune.head_taylor_accumulate_.default, (torch.zeros(2, 3), w, g, 0, 4))
     torch.library.opcheck(torch.ops.fastprune.head_taylor.default, (w, g, 1, 5))
 
 
 @needs_gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(
-    ("shape", "dim", "group_size"), [*CASES, ((4096, 1024), 0, 128), ((1024, 4096), 1, 1)]
-)
+@pytest.mark.parametrize(("shape", "dim", "group_size"), [*CASES, ((4096, 1024), 0, 128), ((1024, 4096), 1, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_backends(backend, dtype, shape, dim, group_size, layout):
     if backend == "cuda" and not CUDA_BUILT:
@@ -276,12 +272,8 @@ def test_accumulate_into_strided_scores(backend):
 def test_opcheck():
     w, g = sample_inputs((12, 20), torch.float32)
     torch.library.opcheck(torch.ops.fastprune.head_taylor.default, (w, g, 1, 5))
-    torch.library.opcheck(
-        torch.ops.fastprune.head_taylor.default, (w[:, :10], g[:, :10].t().contiguous().t(), 0, 3)
-    )
-    torch.library.opcheck(
-        torch.ops.fastprune.head_taylor_accumulate_.default, (torch.zeros(2, 4), w, g, 1, 5)
-    )
+    torch.library.opcheck(torch.ops.fastprune.head_taylor.default, (w[:, :10], g[:, :10].t().contiguous().t(), 0, 3))
+    torch.library.opcheck(torch.ops.fastprune.head_taylor_accumulate_.default, (torch.zeros(2, 4), w, g, 1, 5))
 
 
 def test_compiles_with_fake_tensors():

@@ -34,9 +34,7 @@ s24 = importlib.import_module("fastprune.ops.sparse24")
 
 def reference_mask(w: torch.Tensor, score: torch.Tensor | None = None, act_norm=None) -> torch.Tensor:
     """Keep, per group of 4, the first 2 after stable sorts by score (descending), then NaN first."""
-    s = (w.abs().double() if score is None else score.double()) * (
-        1 if act_norm is None else act_norm.double()
-    )
+    s = (w.abs().double() if score is None else score.double()) * (1 if act_norm is None else act_norm.double())
     groups = s.view(s.shape[0], s.shape[1] // 4, 4)
     nan = groups.isnan()
     order = torch.sort(torch.where(nan, math.inf, groups), dim=-1, descending=True, stable=True).indices
@@ -119,9 +117,7 @@ def test_layout_of_a_known_weight():
 
 
 def test_ties_keep_the_lower_position_and_nan_ranks_first():
-    w = torch.tensor(
-        [[1.0, 1.0, 1.0, 1.0, 0.0, -2.0, 2.0, 2.0, 3.0, math.nan, 3.0, 9.0, -0.0, 0.0, 0.0, 0.0]]
-    )
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, -2.0, 2.0, 2.0, 3.0, math.nan, 3.0, 9.0, -0.0, 0.0, 0.0, 0.0]])
     expected = [[True, True, False, False, False, True, True, False, False, True, False, True, True, True]]
     expected[0] += [False, False]
     for backend in ["reference"] + (["cpu"] if CPU_BUILT else []):
@@ -131,9 +127,7 @@ def test_ties_keep_the_lower_position_and_nan_ranks_first():
 
 def test_signed_and_infinite_scores():
     inf, nan = math.inf, math.nan
-    score = torch.tensor(
-        [[-0.0, 0.0, -1.0, -inf, inf, nan, inf, 1.0, -inf, -inf, -inf, -inf, -3, -1, -2, -4]]
-    )
+    score = torch.tensor([[-0.0, 0.0, -1.0, -inf, inf, nan, inf, 1.0, -inf, -inf, -inf, -inf, -3, -1, -2, -4]])
     expected = [[True, True, False, False, True, True, False, False, True, True, False, False]]
     expected[0] += [False, True, True, False]
     w = torch.ones(1, 16)
@@ -296,9 +290,7 @@ def test_empty_shapes(backend):
         ("matmul", (torch.zeros(2, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.uint8), None)),
     ):
         result = s24._BACKENDS[op][backend](*args)
-        assert all(
-            t.numel() == 0 or not t.any() for t in (result if isinstance(result, tuple) else (result,))
-        )
+        assert all(t.numel() == 0 or not t.any() for t in (result if isinstance(result, tuple) else (result,)))
     y = s24._BACKENDS["matmul"][backend](
         torch.ones(2, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.uint8), None
     )
@@ -308,12 +300,8 @@ def test_empty_shapes(backend):
 def test_wanda_act_norm_changes_the_choice():
     w = torch.tensor([[1.0, 1.1, 1.2, 1.3]])
     assert sparse24_mask(w).tolist() == [[False, False, True, True]]
-    assert sparse24_mask(w, act_norm=torch.tensor([10.0, 10.0, 1.0, 1.0])).tolist() == [
-        [True, True, False, False]
-    ]
-    assert sparse24_mask(w, score=torch.tensor([[4.0, 0.0, 3.0, 0.0]])).tolist() == [
-        [True, False, True, False]
-    ]
+    assert sparse24_mask(w, act_norm=torch.tensor([10.0, 10.0, 1.0, 1.0])).tolist() == [[True, True, False, False]]
+    assert sparse24_mask(w, score=torch.tensor([[4.0, 0.0, 3.0, 0.0]])).tolist() == [[True, False, True, False]]
 
 
 # ------------------------------------------------------------------------------------------ opcheck, autograd
@@ -533,9 +521,7 @@ def test_gpu_backends(backend, dtype):
         ref_values, ref_meta = s24.reference_sparse24_compress(w.cpu(), score, act)
         if backend == "cuda":
             score, act = score.cuda(), act.cuda()
-            assert torch.equal(
-                s24._BACKENDS["mask"]["cuda"](w, score, act).cpu(), reference_mask(w.cpu(), score, act)
-            )
+            assert torch.equal(s24._BACKENDS["mask"]["cuda"](w, score, act).cpu(), reference_mask(w.cpu(), score, act))
             values, meta = s24._BACKENDS["compress"]["cuda"](w, score, act)
             assert torch.equal(values.cpu(), ref_values) and torch.equal(meta.cpu(), ref_meta)
         values, meta = ref_values.cuda(), ref_meta.cuda()

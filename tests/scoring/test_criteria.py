@@ -53,7 +53,9 @@ def test_magnitude_is_the_norm_of_a_units_weights(model, p):
 
 def test_taylor_and_fisher_equal_direct_gradient_products(model):
     data = batches()
-    expected = {c: {k: torch.zeros(3, n, dtype=torch.float64) for k, n in widths(model).items()} for c in ("taylor", "fisher")}
+    expected = {
+        c: {k: torch.zeros(3, n, dtype=torch.float64) for k, n in widths(model).items()} for c in ("taylor", "fisher")
+    }
     for batch in data:
         model.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
@@ -83,10 +85,18 @@ def _wg(model, i, kind, j):
         return (p.detach()[idx] * p.grad[idx]).flatten()
 
     if kind == "heads":
-        return torch.cat([prod(a.q_proj.weight, rows), prod(a.q_proj.bias, rows), prod(a.o_proj.weight, (slice(None), rows))])
+        return torch.cat(
+            [
+                prod(a.q_proj.weight, rows),
+                prod(a.q_proj.bias, rows),
+                prod(a.o_proj.weight, (slice(None), rows)),
+            ]
+        )
     if kind == "kv_heads":
         return torch.cat([prod(p, rows) for p in (a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias)])
-    return torch.cat([prod(m.gate_proj.weight, j), prod(m.up_proj.weight, j), prod(m.down_proj.weight, (slice(None), j))])
+    return torch.cat(
+        [prod(m.gate_proj.weight, j), prod(m.up_proj.weight, j), prod(m.down_proj.weight, (slice(None), j))]
+    )
 
 
 def test_taylor_leaves_no_gradients_behind(model):
@@ -100,8 +110,12 @@ def _captured_inputs(model, data):
     heads, channels = {i: [] for i in range(3)}, {i: [] for i in range(3)}
     handles = []
     for i, layer in enumerate(model.model.layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: heads[i].append(a[0].flatten(0, 1))))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: channels[i].append(a[0].flatten(0, 1))))
+        handles.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: heads[i].append(a[0].flatten(0, 1)))
+        )
+        handles.append(
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: channels[i].append(a[0].flatten(0, 1)))
+        )
     with torch.no_grad():
         for b in data:
             model(b)
@@ -121,13 +135,14 @@ def test_activation_wanda_and_frequency_from_captured_inputs(model):
         head_rms = x_heads.pow(2).sum(0).view(6, D).sum(1).div(tokens).sqrt()
         torch.testing.assert_close(act.heads[i], head_rms, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(act.channels[i], x_ch.pow(2).mean(0).sqrt(), rtol=1e-5, atol=1e-9)
-        w_o, w_down = layer.self_attn.o_proj.weight.detach().double(), layer.mlp.down_proj.weight.detach().double()
+        w_o, w_down = (
+            layer.self_attn.o_proj.weight.detach().double(),
+            layer.mlp.down_proj.weight.detach().double(),
+        )
         head_wanda = (w_o.abs() * x_heads.norm(dim=0)).sum(0).view(6, D).sum(1)
         torch.testing.assert_close(wanda.heads[i], head_wanda, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(wanda.channels[i], (w_down.abs() * x_ch.norm(dim=0)).sum(0), rtol=1e-5, atol=1e-9)
-        active = sum(
-            (c.double().pow(2) > 0.01 * c.double().pow(2).mean()).sum(0) for c in channels_in[i]
-        )
+        active = sum((c.double().pow(2) > 0.01 * c.double().pow(2).mean()).sum(0) for c in channels_in[i])
         torch.testing.assert_close(freq.channels[i], active.double() / tokens)
 
 
