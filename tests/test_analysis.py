@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-from tinymodels import byte_tokenizer, tiny_decoder
 
 from fastprune.analysis import fit_predictor, removed_score
 from fastprune.cli import main
@@ -37,10 +36,7 @@ def test_removed_score_sums_what_the_plan_removes():
     assert removed_score(scores, plan) == 0 + 1 + 1 + 5 + 200
 
 
-def test_cli_analyze_writes_curve_and_maps(tmp_path, capsys):
-    model_dir = tmp_path / "tiny"
-    tiny_decoder(heads=6, kv_heads=2, channels=48).save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
+def test_cli_analyze_writes_curve_and_maps(model_dir, tmp_path, capsys):
     out = tmp_path / "analysis"
     code = main(
         [

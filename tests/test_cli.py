@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from tinymodels import byte_tokenizer, tiny_decoder, token_batch
+from tinymodels import token_batch
 
 import fastprune
 from fastprune.cli import main
@@ -14,14 +14,6 @@ from fastprune.planning import Plan
 
 FAST = ["--samples", "2", "--seq-len", "48", "--batch-size", "2"]
 FAST_EVAL = ["--eval-windows", "2", "--eval-seq-len", "48", "--rounds", "1"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_decoder(heads=6, kv_heads=2, channels=48).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 def run(args, capsys):

@@ -3,23 +3,12 @@
 import json
 import os
 
-import pytest
-from tinymodels import byte_tokenizer, tiny_decoder
-
 import fastprune
 from fastprune.cli import main
 
 FAST = ["--samples", "4", "--seq-len", "48", "--batch-size", "2", "--recovery-samples", "20"]
 FAST_EVAL = ["--eval-windows", "2", "--eval-seq-len", "48", "--no-latency"]
 FAST_RECOVERY = ["--recover-max-steps", "3", "--recover-eval-every", "1", "--recover-batch-size", "2"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_decoder(heads=6, kv_heads=2, channels=48).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_prune_with_recovery_records_it(model_dir, tmp_path, capsys):
