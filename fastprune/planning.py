@@ -233,7 +233,9 @@ class _Granule:
     kv_heads: list[int]
 
 
-def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts, budget: Budget | None = None) -> Plan:
+def make_plan(
+    scores: Scores, config: PruningConfig, costs: ParamCosts, budget: Budget | None = None, warn: bool = True
+) -> Plan:
     """Choose the units to remove: ratios per granularity, or a budget to fit (see PruningConfig).
 
     A parameter target is turned into its budget here; memory and latency budgets come from the caller
@@ -244,7 +246,7 @@ def make_plan(scores: Scores, config: PruningConfig, costs: ParamCosts, budget: 
     if budget is None and config.target_params is not None:
         budget = params_budget(scores.shape, costs, config.target_params)
     if budget is not None:
-        plan = _plan_for_budget(planner, budget)
+        plan = _plan_for_budget(planner, budget, warn)
         plan.info["budget"] = {**budget.to_dict(), "predicted": budget.of(plan.result_shape())}
     elif config.has_target:
         raise PlanError(f"{config.target_name} needs a budget measured on the model; plan it through fastprune.prune")
@@ -270,7 +272,7 @@ def check_feasible(shape: ModelShape, config: PruningConfig, costs: ParamCosts, 
     kinds = ("heads", "kv_heads", "channels")
     flat = {k: [torch.ones(getattr(s, k), dtype=torch.float64) for s in shape.layers] for k in kinds}
     layers = torch.ones(shape.num_layers, dtype=torch.float64)
-    make_plan(Scores(config.criterion, shape, **flat, layers=layers), config, costs, budget)
+    make_plan(Scores(config.criterion, shape, **flat, layers=layers), config, costs, budget, warn=False)
 
 
 class _Planner:
@@ -502,7 +504,7 @@ class _Step:
         return budget.layer_cost(self.removed) - budget.layer
 
 
-def _plan_for_budget(planner: _Planner, budget: Budget) -> Plan:
+def _plan_for_budget(planner: _Planner, budget: Budget, warn: bool = True) -> Plan:
     """Remove the units with the lowest score per unit of cost until the model fits the budget."""
     config, shape = planner.config, planner.shape
     kinds = set(config.granularities)
@@ -514,7 +516,7 @@ def _plan_for_budget(planner: _Planner, budget: Budget) -> Plan:
             "a target mixes whole layers with heads/channels only through comparable scores; give "
             "granularities heads,channels (width) or layers (depth), or use explicit ratios"
         )
-    if len(kinds) > 1 and planner.scores.criterion not in COMPARABLE_CRITERIA:
+    if warn and len(kinds) > 1 and planner.scores.criterion not in COMPARABLE_CRITERIA:
         logger.warning(
             "the target mixes %s by score per cost, but %s scores are not comparable across unit kinds; "
             "consider taylor, fisher, sensitivity or obs, or explicit ratios",
