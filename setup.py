@@ -47,11 +47,14 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension
 
     exts = []
+    cpu_headers = sorted(glob("csrc/cpu/*.h"))  # shared by the .cpp files: editing one rebuilds them all
     for cpp in sorted(glob("csrc/cpu/*.cpp")):
         exts.append(
             CppExtension(
                 f"fastprune._cpu_{Path(cpp).stem}",
                 [cpp],
+                include_dirs=[str(ROOT / "csrc" / "cpu")],
+                depends=cpu_headers,
                 extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
                 extra_link_args=["-fopenmp"],
             )

@@ -12,44 +12,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
-// The hot loops are written with GCC vector extensions (8 x fp32), which compile to SSE2 pairs on the baseline
-// ISA (setup.py passes no -march) and to single AVX2 instructions in the AVX2+FMA variant chosen at run time.
-// Auto-vectorisation proved fragile here (GCC turned one of these reductions into in-order scalar adds).
-// FP_INLINE forces the shared bodies into each variant so they get that variant's ISA. fp16 goes through
-// small fp32 tiles converted by F16C where the CPU has it (a branch-free bit-level decode otherwise, about 3x
-// slower): intrinsics cannot be inlined into the shared bodies, whose ISA is not fixed where they are written.
-#define FP_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FP_MULTIVERSION 1
-#define FP_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define FP_TARGET_F16C __attribute__((target("avx,f16c")))
-#include <immintrin.h>
-#endif
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors only live inside always-inlined functions
+#include "simd.h"
 
 namespace {
-
-#ifdef FP_MULTIVERSION
-// FASTPRUNE_CPU_BASELINE=1 keeps to the baseline code paths, so that tests can check them on any CPU.
-bool baseline_only() {
-  const char* v = std::getenv("FASTPRUNE_CPU_BASELINE");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-bool cpu_has_avx2() {
-  static const bool ok = !baseline_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-bool cpu_has_f16c() {
-  static const bool ok = !baseline_only() && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return ok;
-}
-#endif
 
 // Elements per fp32 run before flushing into fp64 (each of the 16 lanes adds kFlush / 16 values).
 constexpr int64_t kFlush = 4096;
@@ -60,89 +27,7 @@ constexpr int64_t kMinWorkPerThread = 1 << 17;
 // fp16 values converted to fp32 per tile (two tiles live on the stack).
 constexpr int64_t kHalfTile = 512;
 
-using f32x8 = float __attribute__((vector_size(32)));
-using u32x8 = uint32_t __attribute__((vector_size(32)));
-using i32x8 = int32_t __attribute__((vector_size(32)));
-using u16x8 = uint16_t __attribute__((vector_size(16)));
-
-FP_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-FP_INLINE u32x8 load8_bits_high(const void* p) {  // 8 x 16-bit values placed in the top half of 32-bit lanes
-  u16x8 h;
-  std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, u32x8) << 16;
-}
-
-FP_INLINE f32x8 load8(const at::BFloat16* p) { return reinterpret_cast<f32x8>(load8_bits_high(p)); }
-
-// 16 values as two vectors, in an order that only reductions may use: contiguous halves for fp32; even and
-// odd elements for bf16 (two values per 32-bit lane: a mask and a shift, no widening).
-FP_INLINE void load16(const float* p, f32x8& a, f32x8& b) {
-  a = load8(p);
-  b = load8(p + 8);
-}
-
-FP_INLINE void load16(const at::BFloat16* p, f32x8& a, f32x8& b) {
-  u32x8 pairs;
-  std::memcpy(&pairs, p, sizeof(pairs));
-  a = reinterpret_cast<f32x8>(pairs << 16);
-  b = reinterpret_cast<f32x8>(pairs & 0xFFFF0000u);
-}
-
-FP_INLINE f32x8 load8(const at::Half* p) {
-  // IEEE half -> float on integer lanes: rebias normal numbers by scaling, rebuild subnormals with a magic
-  // number, and pick between them with a lane mask (no branches).
-  const u32x8 w = load8_bits_high(p);
-  const u32x8 sign = w & 0x80000000u;
-  const u32x8 two_w = w + w;
-  const f32x8 normal = reinterpret_cast<f32x8>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const f32x8 denormal = reinterpret_cast<f32x8>((two_w >> 17) | (126u << 23)) - 0.5f;
-  // all ones where two_w >> 1 < 2^26 (a subnormal); a shift, not a compare, which SSE2 would scalarise
-  const u32x8 is_denormal = reinterpret_cast<u32x8>((reinterpret_cast<i32x8>(two_w >> 1) - (1 << 26)) >> 31);
-  return reinterpret_cast<f32x8>(sign | (reinterpret_cast<u32x8>(denormal) & is_denormal) |
-                                 (reinterpret_cast<u32x8>(normal) & ~is_denormal));
-}
-
-// fp16 -> fp32 of n values, one function per ISA (see the top of the file).
-void half_to_float_generic(const at::Half* src, float* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const f32x8 v = load8(src + j);
-    std::memcpy(dst + j, &v, sizeof(v));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-#ifdef FP_MULTIVERSION
-FP_TARGET_F16C void half_to_float_f16c(const at::Half* src, float* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-#endif
-
-using HalfToFloat = void (*)(const at::Half*, float*, int64_t);
-
-HalfToFloat half_to_float() {
-#ifdef FP_MULTIVERSION
-  if (cpu_has_f16c()) return half_to_float_f16c;
-#endif
-  return half_to_float_generic;
-}
-
 FP_INLINE f32x8 abs8(const f32x8& v) { return reinterpret_cast<f32x8>(reinterpret_cast<u32x8>(v) & 0x7FFFFFFFu); }
-
-FP_INLINE double hsum(const f32x8& v) {
-  double s = 0.0;
-  for (int k = 0; k < 8; ++k) s += v[k];
-  return s;
-}
 
 struct Sums {
   double abs = 0.0;
@@ -240,7 +125,7 @@ struct Matrix {
 
 // Rows [begin, end): out_abs[i], out_sq[i] = sums over row i.
 template <typename T>
-FP_INLINE void rows_body(const Matrix<T>& m, int64_t begin, int64_t end, double* out_abs, double* out_sq) {
+FP_INLINE void sum_rows(const Matrix<T>& m, int64_t begin, int64_t end, double* out_abs, double* out_sq) {
   for (int64_t i = begin; i < end; ++i) {
     const Sums r = row_sums(m.w + i * m.w_stride, m.g + i * m.g_stride, m.cols);
     out_abs[i] = r.abs;
@@ -250,48 +135,10 @@ FP_INLINE void rows_body(const Matrix<T>& m, int64_t begin, int64_t end, double*
 
 // Rows [begin, end) added into per-column fp32 accumulators fa, fs.
 template <typename T>
-FP_INLINE void cols_body(const Matrix<T>& m, int64_t begin, int64_t end, float* fa, float* fs) {
+FP_INLINE void add_rows(const Matrix<T>& m, int64_t begin, int64_t end, float* fa, float* fs) {
   for (int64_t i = begin; i < end; ++i) {
     add_row(m.w + i * m.w_stride, m.g + i * m.g_stride, m.cols, fa, fs);
   }
-}
-
-template <typename T>
-void rows_default(const Matrix<T>& m, int64_t begin, int64_t end, double* oa, double* os) {
-  rows_body(m, begin, end, oa, os);
-}
-
-template <typename T>
-void cols_default(const Matrix<T>& m, int64_t begin, int64_t end, float* fa, float* fs) {
-  cols_body(m, begin, end, fa, fs);
-}
-
-#ifdef FP_MULTIVERSION
-template <typename T>
-FP_TARGET_AVX2 void rows_avx2(const Matrix<T>& m, int64_t begin, int64_t end, double* oa, double* os) {
-  rows_body(m, begin, end, oa, os);
-}
-
-template <typename T>
-FP_TARGET_AVX2 void cols_avx2(const Matrix<T>& m, int64_t begin, int64_t end, float* fa, float* fs) {
-  cols_body(m, begin, end, fa, fs);
-}
-#endif
-
-template <typename T>
-void rows_best(const Matrix<T>& m, int64_t begin, int64_t end, double* oa, double* os) {
-#ifdef FP_MULTIVERSION
-  if (cpu_has_avx2()) return rows_avx2(m, begin, end, oa, os);
-#endif
-  rows_default(m, begin, end, oa, os);
-}
-
-template <typename T>
-void cols_best(const Matrix<T>& m, int64_t begin, int64_t end, float* fa, float* fs) {
-#ifdef FP_MULTIVERSION
-  if (cpu_has_avx2()) return cols_avx2(m, begin, end, fa, fs);
-#endif
-  cols_default(m, begin, end, fa, fs);
 }
 
 int64_t num_chunks(int64_t units, int64_t elements) {
@@ -304,7 +151,7 @@ template <typename T>
 void unit_sums_rows(const Matrix<T>& m, double* out_abs, double* out_sq) {
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, m.cols));
   at::parallel_for(0, m.rows, grain,
-                   [&](int64_t begin, int64_t end) { rows_best(m, begin, end, out_abs, out_sq); });
+                   [&](int64_t begin, int64_t end) { run_best<sum_rows<T>>(m, begin, end, out_abs, out_sq); });
 }
 
 // out_abs[j], out_sq[j] = sums over column j. Threads take row ranges with private accumulators.
@@ -322,7 +169,7 @@ void unit_sums_cols(const Matrix<T>& m, double* out_abs, double* out_sq) {
       const int64_t row_end = m.rows * (chunk + 1) / chunks;
       for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowBlock) {
         std::fill(acc.begin(), acc.end(), 0.0f);
-        cols_best(m, r0, std::min(row_end, r0 + kRowBlock), acc.data(), acc.data() + c);
+        run_best<add_rows<T>>(m, r0, std::min(row_end, r0 + kRowBlock), acc.data(), acc.data() + c);
         for (int64_t j = 0; j < c; ++j) {
           da[j] += acc[j];
           ds[j] += acc[c + j];
