@@ -30,9 +30,9 @@ BUILD_ONLY = os.environ.get("FASTPRUNE_BUILD_ONLY")
 class NvccExtension(Extension):
     """A pybind11 module compiled from one .cu file by nvcc."""
 
-    def __init__(self, name: str, source: str):
+    def __init__(self, name: str, source: str, depends: list[str]):
         # No sources for setuptools: torch's BuildExtension refuses any .cu source without a CUDA torch.
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], depends=depends)
         self.cu_source = source
 
 
@@ -59,8 +59,9 @@ def _extensions():
                 extra_link_args=["-fopenmp"],
             )
         )
+    cuda_headers = sorted(glob("csrc/cuda/*.cuh"))
     for cu in sorted(glob("csrc/cuda/*.cu")):
-        exts.append(NvccExtension(f"fastprune._cuda_{Path(cu).stem}", cu))
+        exts.append(NvccExtension(f"fastprune._cuda_{Path(cu).stem}", cu, cuda_headers))
     if BUILD_ONLY:
         exts = [e for e in exts if e.name.split("_", 2)[-1] == BUILD_ONLY]
     return exts
@@ -109,6 +110,7 @@ def _build_ext_class():
                 *gencode,
                 f"-I{pybind11.get_include()}",
                 f"-I{sysconfig.get_paths()['include']}",
+                f"-I{ROOT / 'csrc' / 'cuda'}",
                 f"-DFASTPRUNE_MODULE_NAME={ext.name.rsplit('.', 1)[1]}",
                 str(ROOT / ext.cu_source),
                 "-o",

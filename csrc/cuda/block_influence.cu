@@ -5,15 +5,13 @@
 // atomic. The cosine follows F.cosine_similarity: dot / (max(|x|, eps) * max(|y|, eps)), eps = 1e-8.
 // Not tuned on a GPU (none was available when written): benchmarks/bench_block_influence.py times it.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
+
+#include "common.cuh"
 
 namespace py = pybind11;
 
@@ -24,40 +22,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = 8192;  // grid-stride beyond this: enough warps in flight for any GPU
 constexpr double kEps = 1e-8;
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastprune block_influence: ") + what + ": " + cudaGetErrorString(err));
-}
-
-void require_gpu() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    cudaGetLastError();  // clear the sticky error of a failed query
-    throw std::runtime_error(std::string("fastprune: no CUDA GPU is available (") +
-                             (err != cudaSuccess ? cudaGetErrorString(err) : "no device") +
-                             "); use CPU tensors or the PyTorch reference");
-  }
-}
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+constexpr CudaCheck check_cuda{"fastprune block_influence"};
 
 template <typename T>
 __global__ void cosine_sum_kernel(const T* __restrict__ x, const T* __restrict__ y, double* __restrict__ out,
@@ -115,8 +80,8 @@ void cosine_sum(uintptr_t out, uintptr_t x, uintptr_t y, int64_t tokens, int64_t
   if (out == 0) throw std::invalid_argument("fastprune block_influence: null output pointer");
   if (tokens == 0 || d == 0) return;  // every cosine is 0
   if (x == 0 || y == 0) throw std::invalid_argument("fastprune block_influence: null input pointer");
-  const DeviceGuard guard(device);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const DeviceGuard guard(device, check_cuda);
+  const cudaStream_t stream = as_stream(stream_handle);
   switch (dtype) {
     case 0:
       launch<float>(out, x, y, tokens, d, x_stride, y_stride, stream);

@@ -8,7 +8,6 @@
 // Threads run along the contiguous output row, so stores are coalesced; when a row's bytes allow it, each
 // thread writes 16 bytes (several 2- or 4-byte elements), and a row gather also reads 16 bytes at a time.
 
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,6 +17,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "common.cuh"
 
 namespace py = pybind11;
 
@@ -51,21 +52,7 @@ struct alignas(16) Bytes16 {
   uint64_t lo, hi;
 };
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastprune gather_slice: ") + what + ": " + cudaGetErrorString(err));
-}
-
-void require_gpu() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    cudaGetLastError(); // clear the sticky error of a failed query
-    throw std::runtime_error(std::string("fastprune: no CUDA GPU is available (") +
-                             (err != cudaSuccess ? cudaGetErrorString(err) : "no device") +
-                             "); use CPU tensors or the PyTorch reference");
-  }
-}
+constexpr CudaCheck check_cuda{"fastprune gather_slice"};
 
 __device__ __forceinline__ int64_t load_index(const void* p, int32_t is64, int64_t j) {
   return is64 ? static_cast<const int64_t*>(p)[j] : static_cast<const int32_t*>(p)[j];
@@ -246,7 +233,7 @@ void gather_slice(const std::vector<std::vector<int64_t>>& fields, uintptr_t wor
   }
   if (blocks > 0x7fffffff) throw std::invalid_argument("fastprune gather_slice: too many blocks for one launch");
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const cudaStream_t stream = as_stream(stream_handle);
   auto* ws = reinterpret_cast<Workspace*>(workspace);
   auto* dev_jobs = reinterpret_cast<Job*>(workspace + sizeof(Workspace));
   check_cuda(cudaMemsetAsync(ws, 0, sizeof(Workspace), stream), "clearing the workspace");

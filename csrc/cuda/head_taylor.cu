@@ -8,15 +8,13 @@
 // Products and per-thread runs are fp32 (exact products for 16-bit inputs); everything that crosses threads is
 // fp64. Not tuned on a GPU (none was available when written): benchmarks/bench_head_taylor.py times it.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
+
+#include "common.cuh"
 
 namespace py = pybind11;
 
@@ -27,40 +25,7 @@ constexpr int kMaxRowBlocks = 65535;
 constexpr int64_t kMinRowsPerChunk = 128;  // rows per column-sum block (more when the grid would be too tall)
 constexpr int64_t kMaxGridY = 65535;
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastprune head_taylor: ") + what + ": " + cudaGetErrorString(err));
-}
-
-void require_gpu() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    cudaGetLastError();  // clear the sticky error of a failed query
-    throw std::runtime_error(std::string("fastprune: no CUDA GPU is available (") +
-                             (err != cudaSuccess ? cudaGetErrorString(err) : "no device") +
-                             "); use CPU tensors or the PyTorch reference");
-  }
-}
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+constexpr CudaCheck check_cuda{"fastprune head_taylor"};
 
 // Sums a and s over the block; the result is valid in thread 0.
 __device__ __forceinline__ void block_sum2(float& a, float& s) {
@@ -155,8 +120,8 @@ void unit_sums(uintptr_t out, int64_t out_numel, uintptr_t w, uintptr_t g, int64
   if (w_stride < 0 || g_stride < 0) throw std::invalid_argument("fastprune head_taylor: negative row stride");
   if (rows == 0 || cols == 0) return;
   if (out == 0 || w == 0 || g == 0) throw std::invalid_argument("fastprune head_taylor: null pointer");
-  const DeviceGuard guard(device);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const DeviceGuard guard(device, check_cuda);
+  const cudaStream_t stream = as_stream(stream_handle);
   switch (dtype) {
     case 0:
       launch<float>(out, w, g, rows, cols, w_stride, g_stride, dim, stream);

@@ -8,14 +8,13 @@
 // 1 bfloat16, 2 float16) and a cudaStream_t passed as uintptr_t. Every function checks the element counts
 // against the shape before launching, so a wrong buffer is an error, never an out-of-bounds write.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "common.cuh"
 
 namespace {
 
@@ -24,18 +23,7 @@ constexpr int kMaxTokens = 8;        // GEMV handles up to this many tokens per 
 constexpr int kRowsPerBlock = 8;     // one warp per output row
 constexpr int kGroupsPerLane = 4;    // loads issued per lane before use, to keep enough bytes in flight
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastprune sparse24 CUDA: ") + what + ": " +
-                                                   cudaGetErrorString(err));
-}
-
-void require_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();  // clear the sticky error from the failed query
-    throw std::runtime_error("fastprune: no CUDA GPU is available (sparse24 CUDA kernels need one)");
-  }
-}
+constexpr CudaCheck check_cuda{"fastprune sparse24 CUDA"};
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("sparse24 CUDA: " + msg);
@@ -145,15 +133,6 @@ __global__ void decompress_kernel(const void* values, const uint8_t* meta, void*
 }
 
 template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
 __device__ __forceinline__ float from_float<float>(float v) { return v; }
@@ -185,8 +164,8 @@ __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ value
       const int64_t g = g0 + 32 * u;
       const bool live = g < groups;
       const uint8_t nib = live ? (__ldg(m + g / 2) >> (4 * (g % 2))) & 0xF : 0;
-      w0[u] = live ? to_float(v[2 * g]) : 0.f;
-      w1[u] = live ? to_float(v[2 * g + 1]) : 0.f;
+      w0[u] = live ? to_f32(v[2 * g]) : 0.f;
+      w1[u] = live ? to_f32(v[2 * g + 1]) : 0.f;
       p0[u] = live ? static_cast<int>(4 * g + (nib & 3)) : 0;
       p1[u] = live ? static_cast<int>(4 * g + (nib >> 2)) : 0;
     }
@@ -196,7 +175,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ value
       const T* xt = x + t * cols;
 #pragma unroll
       for (int u = 0; u < kGroupsPerLane; ++u)
-        acc[t] += w0[u] * to_float(__ldg(xt + p0[u])) + w1[u] * to_float(__ldg(xt + p1[u]));
+        acc[t] += w0[u] * to_f32(__ldg(xt + p0[u])) + w1[u] * to_f32(__ldg(xt + p1[u]));
     }
   }
 #pragma unroll
@@ -204,11 +183,9 @@ __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ value
     if (t >= tokens) break;
     float s = acc[t];
     for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) y[t * rows + r] = from_float<T>(s + (bias ? to_float(bias[r]) : 0.f));
+    if (lane == 0) y[t * rows + r] = from_float<T>(s + (bias ? to_f32(bias[r]) : 0.f));
   }
 }
-
-cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
