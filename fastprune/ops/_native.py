@@ -1,4 +1,4 @@
-"""Find fastprune's compiled backends once, and say once when one is missing."""
+"""Find fastprune's compiled backends once, say once when one is missing, and pick one per device."""
 
 import functools
 import importlib
@@ -6,7 +6,12 @@ import logging
 import os
 from types import ModuleType
 
+import torch
+
 logger = logging.getLogger("fastprune")
+
+# dtype codes understood by the CUDA modules
+CUDA_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @functools.cache
@@ -52,3 +57,52 @@ def triton_available() -> bool:
 def use_triton_on_cpu() -> bool:
     """Triton kernels run on CPU tensors only in interpreter mode, which tests use on small shapes."""
     return os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+
+
+def require_cpu_extension(family: str) -> None:
+    """Raise RuntimeError unless the C++ CPU kernels of ``family`` are loaded."""
+    if not cpu_extension(family):
+        raise RuntimeError(f"fastprune: the C++ CPU kernels for {family} are not built")
+
+
+def require_cuda_module(family: str) -> ModuleType:
+    """The CUDA module of ``family``; RuntimeError if it is not built."""
+    module = cuda_module(family)
+    if module is None:
+        raise RuntimeError(f"fastprune: the CUDA kernels for {family} are not built")
+    return module
+
+
+def require_triton() -> None:
+    """Raise RuntimeError unless Triton imports."""
+    if not triton_available():
+        raise RuntimeError("fastprune: triton is not installed")
+
+
+def cuda_device_index(device: torch.device) -> int:
+    """The index of a CUDA device, the current one when ``device`` has none (``"cuda"``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current stream of a CUDA device, as the integer handle the CUDA modules take."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def pick_backend(family: str, device: torch.device, *, triton: bool = True) -> str:
+    """The backend of ``family`` for tensors on ``device`` (``triton``: whether the op has a Triton kernel).
+
+    CPU -> Triton when ``TRITON_INTERPRET=1`` (tests), else C++, else the reference. CUDA -> the CUDA module,
+    else Triton, else the reference.
+    """
+    if device.type == "cpu":
+        if triton and use_triton_on_cpu():
+            return "triton"
+        return "cpu" if cpu_extension(family) else "reference"
+    if device.type == "cuda":
+        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_<family>.py on a GPU.
+        if cuda_module(family) is not None:
+            return "cuda"
+        if triton and triton_available():
+            return "triton"
+    return "reference"

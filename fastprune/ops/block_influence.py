@@ -36,57 +36,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprune.ops import _native
+from fastprune.ops._checks import FLOAT_DTYPES, check, check_tensors, direct_call_ok
 
 EPS = 1e-8  # F.cosine_similarity's default; see the module docstring for the zero-vector rule
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# dtype codes understood by the CUDA module
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def _check(cond: bool, message: Callable[[], str]) -> None:
-    """``torch._check``, minus its cost (about 1 us a call) when the condition is a plain True."""
-    if cond is not True:
-        torch._check(cond, message)
-
-
-def _direct_call_ok(*tensors: Tensor) -> bool:
-    """Whether an eager call may skip the custom op and run the backend itself.
-
-    The op's dispatch costs about 15 us a call, as much as the kernel on SmolLM2-sized inputs; it is only
-    needed when something must see the op: torch.compile, a dispatch or function mode, a tensor subclass.
-    """
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and all(type(t) is Tensor for t in tensors)
-    )
 
 
 def _check_args(x: Tensor, y: Tensor) -> None:
     # Messages close over plain values only (no tensors), so that torch.compile can trace the checks.
     x_shape, y_shape, x_dtype, y_dtype = tuple(x.shape), tuple(y.shape), x.dtype, y.dtype
-    _check(
+    check(
         x_shape == y_shape,
         lambda: f"block_influence: x and y must have the same shape, got {x_shape} and {y_shape}",
     )
-    _check(
+    check(
         x_dtype == y_dtype,
         lambda: f"block_influence: x and y must have the same dtype, got {x_dtype} and {y_dtype}",
     )
-    _check(
-        x_dtype in _DTYPES,
+    check(
+        x_dtype in FLOAT_DTYPES,
         lambda: f"block_influence: dtype must be float32, bfloat16 or float16, got {x_dtype}",
     )
-    _check(x.device == y.device, lambda: "block_influence: x and y are on different devices")
-    _check(len(x_shape) >= 1, lambda: "block_influence: x and y need a hidden dimension (at least 1-D)")
+    check(x.device == y.device, lambda: "block_influence: x and y are on different devices")
+    check(len(x_shape) >= 1, lambda: "block_influence: x and y need a hidden dimension (at least 1-D)")
 
 
 def _check_accum(accum: Tensor, x: Tensor) -> None:
     shape, dtype, a_device, x_device = tuple(accum.shape), accum.dtype, accum.device, x.device
-    _check(dtype == torch.float64, lambda: f"block_influence_accumulate_: accum must be float64, got {dtype}")
-    _check(shape == (2,), lambda: f"block_influence_accumulate_: accum must have shape (2,), got {shape}")
-    _check(
+    check(dtype == torch.float64, lambda: f"block_influence_accumulate_: accum must be float64, got {dtype}")
+    check(shape == (2,), lambda: f"block_influence_accumulate_: accum must have shape (2,), got {shape}")
+    check(
         a_device == x_device,
         lambda: f"block_influence_accumulate_: accum is on {a_device}, x on {x_device}",
     )
@@ -123,19 +101,15 @@ def _run_reference(accum: Tensor, x: Tensor, y: Tensor) -> None:
 
 
 def _run_cpu(accum: Tensor, x: Tensor, y: Tensor) -> None:
-    if not _native.cpu_extension("block_influence"):
-        raise RuntimeError("fastprune: the C++ CPU kernels for block_influence are not built")
+    _native.require_cpu_extension("block_influence")
     torch.ops.fastprune_cpu.block_influence_accumulate_(accum, x, y)
 
 
 def _run_cuda(accum: Tensor, x: Tensor, y: Tensor) -> None:
-    module = _native.cuda_module("block_influence")
-    if module is None:
-        raise RuntimeError("fastprune: the CUDA kernels for block_influence are not built")
+    module = _native.require_cuda_module("block_influence")
     cos_sum = torch.zeros(1, dtype=torch.float64, device=x.device)  # the kernel adds into it (fp64 atomics)
     if x.numel() > 0:
         x2, y2 = _as_tokens(x, y)
-        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         module.cosine_sum(
             cos_sum.data_ptr(),
             x2.data_ptr(),
@@ -144,16 +118,15 @@ def _run_cuda(accum: Tensor, x: Tensor, y: Tensor) -> None:
             x2.shape[1],
             x2.stride(0),
             y2.stride(0),
-            _DTYPE_CODES[x.dtype],
-            device,
-            torch.cuda.current_stream(x.device).cuda_stream,
+            _native.CUDA_DTYPE_CODES[x.dtype],
+            _native.cuda_device_index(x.device),
+            _native.cuda_stream(x.device),
         )
     _add(accum, cos_sum[0], _tokens(x))
 
 
 def _run_triton(accum: Tensor, x: Tensor, y: Tensor) -> None:
-    if not _native.triton_available():
-        raise RuntimeError("fastprune: triton is not installed")
+    _native.require_triton()
     from fastprune.kernels.block_influence import token_cosines
 
     cos_sum = token_cosines(*_as_tokens(x, y)).double().sum() if x.numel() > 0 else 0.0
@@ -169,17 +142,7 @@ _BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor], None]] = {
 
 
 def _pick_backend(device: torch.device) -> str:
-    if device.type == "cpu":
-        if _native.use_triton_on_cpu():
-            return "triton"
-        return "cpu" if _native.cpu_extension("block_influence") else "reference"
-    if device.type == "cuda":
-        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_block_influence.py.
-        if _native.cuda_module("block_influence") is not None:
-            return "cuda"
-        if _native.triton_available():
-            return "triton"
-    return "reference"
+    return _native.pick_backend("block_influence", device)
 
 
 def _accumulate(accum: Tensor, x: Tensor, y: Tensor) -> None:
@@ -214,28 +177,22 @@ def _(x, y):
     return x.new_empty((2,), dtype=torch.float64)
 
 
-def _check_tensors(**tensors: object) -> None:
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"block_influence: {name} must be a Tensor, got {type(t).__name__}")
-
-
 def block_influence(x: Tensor, y: Tensor) -> Tensor:
     """float64 ``[2]``: (sum over tokens of cos(x_t, y_t) along the last dim, number of tokens)."""
-    _check_tensors(x=x, y=y)
+    check_tensors("block_influence", x=x, y=y)
     _check_args(x, y)
     # The result is a statistic, not differentiable: detach so hooks may pass activations that require grad.
     x, y = x.detach(), y.detach()
-    return _sums(x, y) if _direct_call_ok(x, y) else _block_influence_op(x, y)
+    return _sums(x, y) if direct_call_ok(x, y) else _block_influence_op(x, y)
 
 
 def block_influence_accumulate_(accum: Tensor, x: Tensor, y: Tensor) -> None:
     """Add ``block_influence(x, y)`` into the float64 ``[2]`` tensor ``accum`` in place."""
-    _check_tensors(accum=accum, x=x, y=y)
+    check_tensors("block_influence", accum=accum, x=x, y=y)
     _check_args(x, y)
     _check_accum(accum, x)
     x, y = x.detach(), y.detach()
-    if _direct_call_ok(accum, x, y):
+    if direct_call_ok(accum, x, y):
         _accumulate(accum, x, y)
     else:
         _block_influence_accumulate_op(accum, x, y)

@@ -95,8 +95,7 @@ def _run_reference(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out:
 
 def _run_cpu(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
     # The C++ kernel checks every index itself (IndexError) before writing anything.
-    if not _native.cpu_extension("gather_slice"):
-        raise RuntimeError("fastprune: the C++ CPU kernels for gather_slice are not built")
+    _native.require_cpu_extension("gather_slice")
     if out is None:
         return list(torch.ops.fastprune_cpu.gather_slice(list(tensors), list(rows), list(cols)))
     torch.ops.fastprune_cpu.gather_slice_out(list(tensors), list(rows), list(cols), list(out))
@@ -106,9 +105,7 @@ def _run_cpu(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outpu
 def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
     # The CUDA kernel checks the indices on the device and the module raises IndexError after the launch:
     # one stream synchronisation instead of a min/max round trip per index tensor.
-    module = _native.cuda_module("gather_slice")
-    if module is None:
-        raise RuntimeError("fastprune: the CUDA kernels for gather_slice are not built")
+    module = _native.require_cuda_module("gather_slice")
     outputs = _outputs(tensors, rows, cols, out)
     jobs, keep = [], []  # keep: contiguous copies alive until the kernel has run
     for t, r, c, o in zip(tensors, rows, cols, outputs, strict=True):
@@ -134,15 +131,13 @@ def _run_cuda(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outp
     if jobs:
         device = tensors[0].device
         workspace = torch.empty(module.workspace_bytes(len(jobs)), dtype=torch.uint8, device=device)
-        stream = torch.cuda.current_stream(device).cuda_stream
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index, stream = _native.cuda_device_index(device), _native.cuda_stream(device)
         module.gather_slice(jobs, workspace.data_ptr(), workspace.numel(), index, stream)
     return outputs
 
 
 def _run_triton(tensors: Sequence[Tensor], rows: Indices, cols: Indices, out: Outputs = None) -> list[Tensor]:
-    if not _native.triton_available():
-        raise RuntimeError("fastprune: triton is not installed")
+    _native.require_triton()
     from fastprune.kernels.gather_slice import gather_slice_into
 
     _check_bounds(tensors, rows, cols)
@@ -186,17 +181,7 @@ _BACKENDS: dict[str, Callable[..., list[Tensor]]] = {
 
 
 def _pick_backend(device: torch.device) -> str:
-    if device.type == "cpu":
-        if _native.use_triton_on_cpu():
-            return "triton"
-        return "cpu" if _native.cpu_extension("gather_slice") else "reference"
-    if device.type == "cuda":
-        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_gather_slice.py on a GPU.
-        if _native.cuda_module("gather_slice") is not None:
-            return "cuda"
-        if _native.triton_available():
-            return "triton"
-    return "reference"
+    return _native.pick_backend("gather_slice", device)
 
 
 @torch.library.custom_op("fastprune::gather_slice", mutates_args=())

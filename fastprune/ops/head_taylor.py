@@ -29,30 +29,7 @@ import torch
 from torch import Tensor
 
 from fastprune.ops import _native
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# dtype codes understood by the CUDA module
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def _check(cond: bool, message: Callable[[], str]) -> None:
-    """``torch._check``, minus its cost (about 1 us a call) when the condition is a plain True."""
-    if cond is not True:
-        torch._check(cond, message)
-
-
-def _direct_call_ok(*tensors: Tensor) -> bool:
-    """Whether an eager call may skip the custom op and run the backend itself.
-
-    The op's dispatch costs about 15 us a call, as much as the kernel on SmolLM2-sized inputs; it is only
-    needed when something must see the op: torch.compile, a dispatch or function mode, a tensor subclass.
-    """
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and all(type(t) is Tensor for t in tensors)
-    )
+from fastprune.ops._checks import FLOAT_DTYPES, check, check_tensors, direct_call_ok
 
 
 def _check_args(weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None:
@@ -64,24 +41,24 @@ def _check_args(weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None
         grad.dtype,
         weight.dim(),
     )
-    _check(
+    check(
         w_shape == g_shape,
         lambda: f"head_taylor: weight and grad must have the same shape, got {w_shape} and {g_shape}",
     )
-    _check(
+    check(
         w_dtype == g_dtype,
         lambda: f"head_taylor: weight and grad must have the same dtype, got {w_dtype} and {g_dtype}",
     )
-    _check(w_dtype in _DTYPES, lambda: f"head_taylor: dtype must be float32, bfloat16 or float16, got {w_dtype}")
-    _check(weight.device == grad.device, lambda: "head_taylor: weight and grad are on different devices")
-    _check(ndim in (1, 2), lambda: f"head_taylor: weight must be 1-D or 2-D, got {ndim}-D")
-    _check(
+    check(w_dtype in FLOAT_DTYPES, lambda: f"head_taylor: dtype must be float32, bfloat16 or float16, got {w_dtype}")
+    check(weight.device == grad.device, lambda: "head_taylor: weight and grad are on different devices")
+    check(ndim in (1, 2), lambda: f"head_taylor: weight must be 1-D or 2-D, got {ndim}-D")
+    check(
         dim in (0, 1) and dim < ndim,
         lambda: f"head_taylor: dim must be 0{' or 1' if ndim == 2 else ' for a 1-D tensor'}, got {dim}",
     )
-    _check(group_size >= 1, lambda: f"head_taylor: group_size must be >= 1, got {group_size}")
+    check(group_size >= 1, lambda: f"head_taylor: group_size must be >= 1, got {group_size}")
     size = w_shape[dim]
-    _check(
+    check(
         size % group_size == 0,
         lambda: f"head_taylor: size {size} along dim {dim} is not divisible by group_size {group_size}",
     )
@@ -90,13 +67,13 @@ def _check_args(weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None
 def _check_scores(scores: Tensor, weight: Tensor, dim: int, group_size: int) -> None:
     n_groups = weight.shape[dim] // group_size
     shape, dtype = tuple(scores.shape), scores.dtype
-    _check(dtype == torch.float32, lambda: f"head_taylor_accumulate_: scores must be float32, got {dtype}")
-    _check(
+    check(dtype == torch.float32, lambda: f"head_taylor_accumulate_: scores must be float32, got {dtype}")
+    check(
         shape == (2, n_groups),
         lambda: f"head_taylor_accumulate_: scores must have shape (2, {n_groups}), got {shape}",
     )
     s_device, w_device = scores.device, weight.device
-    _check(
+    check(
         s_device == w_device,
         lambda: f"head_taylor_accumulate_: scores are on {s_device}, weight on {w_device}",
     )
@@ -141,18 +118,14 @@ def _run_reference(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group
 
 
 def _run_cpu(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None:
-    if not _native.cpu_extension("head_taylor"):
-        raise RuntimeError("fastprune: the C++ CPU kernels for head_taylor are not built")
+    _native.require_cpu_extension("head_taylor")
     torch.ops.fastprune_cpu.head_taylor_accumulate_(scores, weight, grad, dim, group_size)
 
 
 def _run_cuda(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None:
-    module = _native.cuda_module("head_taylor")
-    if module is None:
-        raise RuntimeError("fastprune: the CUDA kernels for head_taylor are not built")
+    module = _native.require_cuda_module("head_taylor")
     w, g, unit_dim = _as_matrix(weight, grad, dim)
     unit_sums = torch.zeros(2, w.shape[unit_dim], dtype=torch.float64, device=w.device)
-    device = w.device.index if w.device.index is not None else torch.cuda.current_device()
     module.unit_sums(
         unit_sums.data_ptr(),
         unit_sums.numel(),
@@ -163,16 +136,15 @@ def _run_cuda(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size
         w.stride(0),
         g.stride(0),
         unit_dim,
-        _DTYPE_CODES[w.dtype],
-        device,
-        torch.cuda.current_stream(w.device).cuda_stream,
+        _native.CUDA_DTYPE_CODES[w.dtype],
+        _native.cuda_device_index(w.device),
+        _native.cuda_stream(w.device),
     )
     _add_unit_sums(scores, unit_sums, group_size)
 
 
 def _run_triton(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None:
-    if not _native.triton_available():
-        raise RuntimeError("fastprune: triton is not installed")
+    _native.require_triton()
     from fastprune.kernels.head_taylor import unit_sums
 
     w, g, unit_dim = _as_matrix(weight, grad, dim)
@@ -188,17 +160,7 @@ _BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor, int, int], None]] = {
 
 
 def _pick_backend(device: torch.device) -> str:
-    if device.type == "cpu":
-        if _native.use_triton_on_cpu():
-            return "triton"
-        return "cpu" if _native.cpu_extension("head_taylor") else "reference"
-    if device.type == "cuda":
-        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_head_taylor.py on a GPU.
-        if _native.cuda_module("head_taylor") is not None:
-            return "cuda"
-        if _native.triton_available():
-            return "triton"
-    return "reference"
+    return _native.pick_backend("head_taylor", device)
 
 
 def _accumulate(scores: Tensor, weight: Tensor, grad: Tensor, dim: int, group_size: int) -> None:
@@ -233,30 +195,24 @@ def _(weight, grad, dim, group_size):
     return weight.new_empty((2, weight.shape[dim] // group_size), dtype=torch.float32)
 
 
-def _check_tensors(**tensors: object) -> None:
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"head_taylor: {name} must be a Tensor, got {type(t).__name__}")
-
-
 def head_taylor(weight: Tensor, grad: Tensor, *, dim: int, group_size: int) -> Tensor:
     """Per group of ``group_size`` along ``dim``: (sum |w*g|, sum (w*g)^2) as float32 ``[2, n_groups]``."""
-    _check_tensors(weight=weight, grad=grad)
+    check_tensors("head_taylor", weight=weight, grad=grad)
     _check_args(weight, grad, dim, group_size)
     # Scores are not differentiable: detach so a Parameter can be passed as it is.
     weight, grad = weight.detach(), grad.detach()
-    if _direct_call_ok(weight, grad):
+    if direct_call_ok(weight, grad):
         return _scores(weight, grad, dim, group_size)
     return _head_taylor_op(weight, grad, dim, group_size)
 
 
 def head_taylor_accumulate_(scores: Tensor, weight: Tensor, grad: Tensor, *, dim: int, group_size: int) -> None:
     """Add ``head_taylor(weight, grad, dim=dim, group_size=group_size)`` into float32 ``scores`` in place."""
-    _check_tensors(scores=scores, weight=weight, grad=grad)
+    check_tensors("head_taylor", scores=scores, weight=weight, grad=grad)
     _check_args(weight, grad, dim, group_size)
     _check_scores(scores, weight, dim, group_size)
     weight, grad = weight.detach(), grad.detach()
-    if _direct_call_ok(scores, weight, grad):
+    if direct_call_ok(scores, weight, grad):
         _accumulate(scores, weight, grad, dim, group_size)
     else:
         _head_taylor_accumulate_op(scores, weight, grad, dim, group_size)

@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprune.ops import _native
+from fastprune.ops._checks import FLOAT_DTYPES
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CUDA_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _GPU_GEMV_MAX_TOKENS = 8  # CUDA and Triton GEMV kernels; more tokens go to decompress + cuBLAS
 
 
@@ -118,7 +117,7 @@ def _gather_kept(dense: Tensor, meta: Tensor) -> Tensor:
 def _check_weight(op: str, weight: Tensor, score: Tensor | None, act_norm: Tensor | None) -> None:
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [out, in], got {weight.dim()}-D")
     torch._check(
-        weight.dtype in _DTYPES,
+        weight.dtype in FLOAT_DTYPES,
         lambda: f"{op}: weight must be float32, bfloat16 or float16, got {weight.dtype}",
     )
     torch._check(
@@ -147,7 +146,7 @@ def _check_weight(op: str, weight: Tensor, score: Tensor | None, act_norm: Tenso
 def _check_compressed(op: str, values: Tensor, meta: Tensor) -> None:
     torch._check(values.dim() == 2, lambda: f"{op}: values must be 2-D [out, in/2], got {values.dim()}-D")
     torch._check(
-        values.dtype in _DTYPES,
+        values.dtype in FLOAT_DTYPES,
         lambda: f"{op}: values must be float32, bfloat16 or float16, got {values.dtype}",
     )
     torch._check(
@@ -190,56 +189,43 @@ def _check_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) 
 
 
 def _cpu_ops():
-    if not _native.cpu_extension("sparse24"):
-        raise RuntimeError("fastprune: the C++ CPU kernels for sparse24 are not built")
+    _native.require_cpu_extension("sparse24")
     return torch.ops.fastprune_cpu
 
 
 def _cuda():
-    module = _native.cuda_module("sparse24")
-    if module is None:
-        raise RuntimeError("fastprune: the CUDA kernels for sparse24 are not built")
-    return module
+    return _native.require_cuda_module("sparse24")
 
 
 def _triton():
-    if not _native.triton_available():
-        raise RuntimeError("fastprune: triton is not installed")
+    _native.require_triton()
     from fastprune.kernels import sparse24
 
     return sparse24
 
 
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+def _buffer(t: Tensor | None) -> tuple[int, int]:
+    """(data pointer, element count), as the CUDA module takes a tensor; (0, 0) for none."""
+    return (0, 0) if t is None else (t.data_ptr(), t.numel())
 
 
 def _cuda_select(weight: Tensor, score: Tensor | None, act_norm: Tensor | None, mask: bool):
     """Run the CUDA mask (``mask=True``) or compress kernel; score and act_norm in dtypes it reads."""
     w = weight.contiguous()
-    s = None if score is None else (score if score.dtype in _DTYPES else score.float()).contiguous()
+    s = None if score is None else (score if score.dtype in FLOAT_DTYPES else score.float()).contiguous()
     a = None if act_norm is None else act_norm.float().contiguous()
     rows, cols = w.shape
-    common = [
-        w.data_ptr(),
-        w.numel(),
-        _CUDA_DTYPE_CODES[w.dtype],
-        0 if s is None else s.data_ptr(),
-        0 if s is None else s.numel(),
-        0 if s is None else _CUDA_DTYPE_CODES[s.dtype],
-        0 if a is None else a.data_ptr(),
-        0 if a is None else a.numel(),
-    ]
+    codes = _native.CUDA_DTYPE_CODES
+    inputs = [*_buffer(w), codes[w.dtype], *_buffer(s), 0 if s is None else codes[s.dtype], *_buffer(a)]
+    stream = _native.cuda_stream(w.device)
     with torch.cuda.device(w.device):
         if mask:
             out = torch.empty(rows, cols, dtype=torch.bool, device=w.device)
-            _cuda().mask(*common, out.data_ptr(), out.numel(), rows, cols, _stream(w))
+            _cuda().mask(*inputs, *_buffer(out), rows, cols, stream)
             return out
         values = w.new_empty(rows, cols // 2)
         meta = torch.empty(rows, meta_columns(cols), dtype=torch.uint8, device=w.device)
-        _cuda().compress(
-            *common, values.data_ptr(), values.numel(), meta.data_ptr(), meta.numel(), rows, cols, _stream(w)
-        )
+        _cuda().compress(*inputs, *_buffer(values), *_buffer(meta), rows, cols, stream)
         return values, meta
 
 
@@ -247,19 +233,9 @@ def _cuda_decompress(values: Tensor, meta: Tensor) -> Tensor:
     values, meta = values.contiguous(), meta.contiguous()
     rows, cols = values.shape[0], 2 * values.shape[1]
     out = values.new_empty(rows, cols)
+    code, stream = _native.CUDA_DTYPE_CODES[values.dtype], _native.cuda_stream(values.device)
     with torch.cuda.device(values.device):
-        _cuda().decompress(
-            values.data_ptr(),
-            values.numel(),
-            meta.data_ptr(),
-            meta.numel(),
-            out.data_ptr(),
-            out.numel(),
-            rows,
-            cols,
-            _CUDA_DTYPE_CODES[values.dtype],
-            _stream(values),
-        )
+        _cuda().decompress(*_buffer(values), *_buffer(meta), *_buffer(out), rows, cols, code, stream)
     return out
 
 
@@ -270,23 +246,19 @@ def _cuda_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -
     b = None if bias is None else bias.contiguous()
     rows, cols = values.shape[0], 2 * values.shape[1]
     y = x.new_empty(x.shape[0], rows)
+    code, stream = _native.CUDA_DTYPE_CODES[x.dtype], _native.cuda_stream(x.device)
     with torch.cuda.device(x.device):
         _cuda().gemv(
-            x.data_ptr(),
-            x.numel(),
-            values.data_ptr(),
-            values.numel(),
-            meta.data_ptr(),
-            meta.numel(),
-            0 if b is None else b.data_ptr(),
-            0 if b is None else b.numel(),
-            y.data_ptr(),
-            y.numel(),
+            *_buffer(x),
+            *_buffer(values),
+            *_buffer(meta),
+            *_buffer(b),
+            *_buffer(y),
             x.shape[0],
             rows,
             cols,
-            _CUDA_DTYPE_CODES[x.dtype],
-            _stream(x),
+            code,
+            stream,
         )
     return y
 
@@ -326,18 +298,7 @@ _BACKENDS: dict[str, dict[str, Callable]] = {
 
 
 def _pick_backend(op: str, device: torch.device) -> str:
-    has_triton = "triton" in _BACKENDS[op]
-    if device.type == "cpu":
-        if has_triton and _native.use_triton_on_cpu():
-            return "triton"
-        return "cpu" if _native.cpu_extension("sparse24") else "reference"
-    if device.type == "cuda":
-        # Unmeasured preference (no GPU when written): confirm with benchmarks/bench_sparse24.py on a GPU.
-        if _native.cuda_module("sparse24") is not None:
-            return "cuda"
-        if has_triton and _native.triton_available():
-            return "triton"
-    return "reference"
+    return _native.pick_backend("sparse24", device, triton="triton" in _BACKENDS[op])
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
