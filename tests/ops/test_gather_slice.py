@@ -9,6 +9,7 @@ import importlib.util
 
 import pytest
 import torch
+from kernel_testing import needs_gpu, needs_triton
 
 from fastprune.ops import gather_slice
 
@@ -32,8 +33,6 @@ MODES = ["rows", "cols", "both", "none", "empty_rows", "empty_cols", "single", "
 CPU_BUILT = importlib.util.find_spec("fastprune._cpu_gather_slice") is not None
 CUDA_BUILT = importlib.util.find_spec("fastprune._cuda_gather_slice") is not None
 needs_cpu_ext = pytest.mark.skipif(not CPU_BUILT, reason="C++ CPU kernels not built")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 
 def make_indices(n: int, mode: str, dim: int, gen: torch.Generator, dtype=torch.int64) -> torch.Tensor | None:

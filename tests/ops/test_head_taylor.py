@@ -7,13 +7,10 @@ fp32 products round once (2^-24), and sums run in fp32 for at most a few hundred
 
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_testing import BASELINE, INTERPRETING, interpreted_only, needs_gpu, needs_triton, run_tests_in_subprocess
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastprune.ops import head_taylor, head_taylor_accumulate_, reference_head_taylor
@@ -58,15 +55,6 @@ CPU_BUILT = importlib.util.find_spec("fastprune._cpu_head_taylor") is not None
 CUDA_BUILT = importlib.util.find_spec("fastprune._cuda_head_taylor") is not None
 needs_cpu_ext = pytest.mark.skipif(not CPU_BUILT, reason="C++ CPU kernels not built")
 needs_cuda_module = pytest.mark.skipif(not CUDA_BUILT, reason="CUDA module not built (no nvcc at build time)")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-# The C++ kernels pick AVX2/F16C code at run time; FASTPRUNE_CPU_BASELINE=1 keeps them on the baseline-ISA
-# code, which test_cpu_baseline_isa checks in a fresh process (the choice is made once per process).
-BASELINE = os.environ.get("FASTPRUNE_CPU_BASELINE") == "1"
-# Triton runs on CPU tensors only when TRITON_INTERPRET=1 is set before triton is first imported (its standard
-# library is decorated at import), so the interpreted tests run in a fresh process: test_triton_interpreted.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted_only = pytest.mark.skipif(not INTERPRETING, reason="runs in test_triton_interpreted's subprocess")
 
 
 def with_layout(t: torch.Tensor, layout: str, partner: bool) -> torch.Tensor:
@@ -118,31 +106,18 @@ def test_cpu_backend(dtype, shape, dim, group_size, layout):
     check_backend("cpu", shape, dim, group_size, dtype, layout)
 
 
-def run_tests_in_subprocess(selection: str, **env: str) -> None:
-    """Run this file's tests matching ``-k selection`` in a fresh process with extra environment variables."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env={**os.environ, **env},
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
-
-
 @needs_cpu_ext
 @pytest.mark.skipif(BASELINE, reason="this process already runs the baseline code: the tests run directly")
 def test_cpu_baseline_isa():
     """The C++ kernels' baseline-ISA code (SSE2, bit-level fp16 decode) against the reference."""
-    run_tests_in_subprocess("cpu_backend or extreme", FASTPRUNE_CPU_BASELINE="1")
+    run_tests_in_subprocess(__file__, "cpu_backend or extreme", FASTPRUNE_CPU_BASELINE="1")
 
 
 @needs_triton
 @pytest.mark.skipif(INTERPRETING, reason="this process already interprets Triton: the tests run directly")
 def test_triton_interpreted():
     """Run this file's ``interpreted`` tests in a fresh process with TRITON_INTERPRET=1."""
-    run_tests_in_subprocess("interpreted", TRITON_INTERPRET="1")
+    run_tests_in_subprocess(__file__, "interpreted", TRITON_INTERPRET="1")
 
 
 @interpreted_only

@@ -12,14 +12,11 @@ the last place of the output dtype (rtol): fp32 1e-5, bf16 2^-7 = 7.8e-3, fp16 2
 import importlib
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import INTERPRETING, interpreted_only, needs_gpu, needs_triton, run_tests_in_subprocess
 
 from fastprune.ops import (
     Sparse24Linear,
@@ -59,12 +56,6 @@ SHAPES = [(5, 12), (123, 124), (1, 4), (1, 8), (7, 36), (33, 100), (16, 64), (17
 CPU_BUILT = importlib.util.find_spec("fastprune._cpu_sparse24") is not None
 CUDA_BUILT = importlib.util.find_spec("fastprune._cuda_sparse24") is not None
 needs_cpu_ext = pytest.mark.skipif(not CPU_BUILT, reason="C++ CPU kernels not built")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-# Triton runs on CPU tensors only when TRITON_INTERPRET=1 is set before triton is first imported (its standard
-# library is decorated at import), so the interpreted tests run in a fresh process: test_triton_interpreted.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted_only = pytest.mark.skipif(not INTERPRETING, reason="runs in test_triton_interpreted's subprocess")
 
 
 def assert_product_close(y: torch.Tensor, expected: torch.Tensor, in_features: int) -> None:
@@ -440,15 +431,7 @@ def test_decompress_checks_in_features():
 @pytest.mark.skipif(INTERPRETING, reason="this process already interprets Triton: the tests run directly")
 def test_triton_interpreted():
     """Run this file's ``interpreted`` tests in a fresh process with TRITON_INTERPRET=1."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    run_tests_in_subprocess(__file__, "interpreted", TRITON_INTERPRET="1")
 
 
 @interpreted_only
