@@ -2,35 +2,26 @@
 
 Run: ``python -m pytest -q -s benchmarks/bench_block_influence.py``. Hidden states of LLM-sized layers (4096
 tokens x 4096 hidden), SmolLM2's (512 x 576, and a batch of 8 such sequences), and a token-strided view as a
-forward hook may hand it (``h[:, 1:]``). Per case:
-
-- ``time_s``: ``block_influence_accumulate_`` into an existing accumulator (pytest-benchmark median), as the
-  scoring hooks call it;
-- ``gbps``: bytes read (x + y) per second;
-- ``pct_memcpy``: a copy of the same bytes into an existing buffer, as a percentage of ``time_s`` (a copy also
-  writes them, so a pure streaming read can exceed 100%);
-- ``x_reference`` / ``x_idiom``: speedup over ``reference_block_influence`` (fp64) and over the plain torch
-  idiom ``F.cosine_similarity(x, y, dim=-1).sum()``;
-- ``bar`` / ``meets_bar``: the issue's bar (>= 1.5x the idiom) and whether this run met it;
-- ``load_1min``: the machine's load average when the case ran (other work on a shared machine skews times).
+forward hook may hand it (``h[:, 1:]``). Per case, the numbers of ``conftest.streaming_numbers``: ``time_s`` is
+``block_influence_accumulate_`` into an existing accumulator, as the scoring hooks call it; ``gbps`` counts
+x + y; ``x_reference`` is over ``reference_block_influence`` (fp64) and ``x_idiom`` over the plain torch idiom
+``F.cosine_similarity(x, y, dim=-1).sum()``.
 
 On a GPU the CUDA and Triton backends are both timed (``cuda_s``, ``triton_s``): the dispatch prefers the CUDA
 module, a choice that these numbers must confirm.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import memcpy_time, time_fn
+from conftest import DEVICES, gpu_backend_times, streaming_numbers
 
 from fastprune.ops import block_influence_accumulate_, reference_block_influence
 
 bi = importlib.import_module("fastprune.ops.block_influence")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (name, shape of the stored hidden states, token slice applied to them)
 STATES = [
     ("llm 4096 tokens", (4096, 4096), None),
@@ -67,31 +58,18 @@ def test_block_influence(benchmark, results, device, name, shape, tokens, dtype)
         x, y = x[:, tokens], y[:, tokens]
     accum = torch.zeros(2, dtype=torch.float64, device=device)
     call = lambda: block_influence_accumulate_(accum, x, y)  # noqa: E731
-    nbytes = 2 * x.numel() * x.element_size()
-    copy_s = memcpy_time(nbytes, device)
-    benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    kernel_s = benchmark.stats.stats.median
-    idiom_s = time_fn(lambda: idiom(x, y), device, reps=5)
-    reference_s = time_fn(lambda: reference_block_influence(x, y), device, reps=3)
-    numbers = {
-        "time_s": kernel_s,
-        "gbps": nbytes / kernel_s / 1e9,
-        "pct_memcpy": 100 * copy_s / kernel_s,
-        "x_reference": reference_s / kernel_s,
-        "x_idiom": idiom_s / kernel_s,
-        "memcpy_s": copy_s,
-        "idiom_s": idiom_s,
-        "in_mb": nbytes / 2**20,
-        "backend": bi._pick_backend(torch.device(device)),
-        "load_1min": os.getloadavg()[0],  # the machine may be shared: numbers under load are noisy
-        "bar": f">={MIN_X_IDIOM:g}x idiom",
-        "meets_bar": idiom_s / kernel_s >= MIN_X_IDIOM,
-    }
+    numbers = streaming_numbers(
+        benchmark,
+        call,
+        idiom=lambda: idiom(x, y),
+        reference=lambda: reference_block_influence(x, y),
+        nbytes=2 * x.numel() * x.element_size(),
+        device=device,
+        rounds=ROUNDS,
+        min_x_idiom=MIN_X_IDIOM,
+    )
+    numbers["backend"] = bi._pick_backend(torch.device(device))
     if device == "cuda":
-        for backend in ("cuda", "triton"):
-            try:
-                numbers[f"{backend}_s"] = time_fn(lambda b=backend: bi._BACKENDS[b](accum, x, y), device)
-            except RuntimeError as exc:  # a backend that is not built
-                numbers[f"{backend}_s"] = f"unavailable: {exc}"
+        numbers.update(gpu_backend_times(lambda backend: bi._BACKENDS[backend](accum, x, y)))
     shown = "x".join(map(str, x.shape))
     results.add("block_influence", f"{name} {shown} {dtype}", device=device, **numbers)

@@ -23,13 +23,12 @@ import importlib
 
 import pytest
 import torch
-from conftest import memcpy_time, time_fn
+from conftest import DEVICES, gpu_backend_times, memcpy_time, time_fn
 
 from fastprune.ops import gather_slice, reference_gather_slice
 
 gs = importlib.import_module("fastprune.ops.gather_slice")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KEEP = 0.75
 SHAPES = [(4096, 4096), (4096, 11008)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,11 +90,7 @@ def record(benchmark, results, device: str, case: str, mode: str, tensors, rows,
         numbers["meets_bar"] = numbers["pct_memcpy"] >= min_pct and fast_enough
         numbers["meets_bar_into"] = numbers["pct_memcpy_into"] >= min_pct and fast_enough
     if device == "cuda":
-        for name in ("cuda", "triton"):
-            try:
-                numbers[f"{name}_s"] = time_fn(lambda n=name: gs._BACKENDS[n](tensors, rows, cols, out), device)
-            except RuntimeError as exc:  # a backend that is not built
-                numbers[f"{name}_s"] = f"unavailable: {exc}"
+        numbers.update(gpu_backend_times(lambda backend: gs._BACKENDS[backend](tensors, rows, cols, out)))
     results.add("gather_slice", case, device=device, **numbers)
 
 

@@ -2,33 +2,25 @@
 
 Run: ``python -m pytest -q -s benchmarks/bench_head_taylor.py``. LLM-sized weights (4096x4096 q/o_proj,
 4096x11008 down_proj, 11008x4096 gate/up_proj) grouped along each dim: 128-wide head groups along a 4096 dim,
-single channels along an 11008 dim. Per case:
-
-- ``time_s``: ``head_taylor_accumulate_`` into existing scores (pytest-benchmark median), as scoring calls it;
-- ``gbps``: bytes read (weight + grad) per second;
-- ``pct_memcpy``: a copy of the same bytes into an existing buffer, as a percentage of ``time_s`` (a copy also
-  writes them, so a pure streaming read can exceed 100%);
-- ``x_reference`` / ``x_idiom``: speedup over ``reference_head_taylor`` (fp64) and over the plain torch idiom
-  ``p = w * g; p.abs().view(...).sum(...)`` plus ``p.square().view(...).sum(...)`` (fp32 sums);
-- ``bar`` / ``meets_bar``: the issue's bar (>= 1.5x the idiom) and whether this run met it;
-- ``load_1min``: the machine's load average when the case ran (other work on a shared machine skews times).
+single channels along an 11008 dim. Per case, the numbers of ``conftest.streaming_numbers``: ``time_s`` is
+``head_taylor_accumulate_`` into existing scores, as scoring calls it; ``gbps`` counts weight + grad;
+``x_reference`` is over ``reference_head_taylor`` (fp64) and ``x_idiom`` over the plain torch idiom
+``p = w * g; p.abs().view(...).sum(...)`` plus ``p.square().view(...).sum(...)`` (fp32 sums).
 
 On a GPU the CUDA and Triton backends are both timed (``cuda_s``, ``triton_s``): the dispatch prefers the CUDA
 module, a choice that these numbers must confirm.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
-from conftest import memcpy_time, time_fn
+from conftest import DEVICES, gpu_backend_times, streaming_numbers
 
 from fastprune.ops import head_taylor_accumulate_, reference_head_taylor
 
 ht = importlib.import_module("fastprune.ops.head_taylor")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (weight, shape, dim, group_size): what scoring reduces in a Llama-7B-sized layer, both dims of each shape.
 LAYERS = [
     ("q_proj rows per head", (4096, 4096), 0, 128),
@@ -71,33 +63,18 @@ def test_head_taylor(benchmark, results, device, name, shape, dim, group_size, d
     g = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=DTYPES[dtype])
     scores = torch.zeros(2, shape[dim] // group_size, device=device)
     call = lambda: head_taylor_accumulate_(scores, w, g, dim=dim, group_size=group_size)  # noqa: E731
-    nbytes = w.nbytes + g.nbytes
-    copy_s = memcpy_time(nbytes, device)
-    benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    kernel_s = benchmark.stats.stats.median
-    idiom_s = time_fn(lambda: idiom(w, g, dim, group_size), device, reps=5)
-    reference_s = time_fn(lambda: reference_head_taylor(w, g, dim=dim, group_size=group_size), device, reps=3)
-    numbers = {
-        "time_s": kernel_s,
-        "gbps": nbytes / kernel_s / 1e9,
-        "pct_memcpy": 100 * copy_s / kernel_s,
-        "x_reference": reference_s / kernel_s,
-        "x_idiom": idiom_s / kernel_s,
-        "memcpy_s": copy_s,
-        "idiom_s": idiom_s,
-        "in_mb": nbytes / 2**20,
-        "backend": ht._pick_backend(torch.device(device)),
-        "load_1min": os.getloadavg()[0],  # the machine may be shared: numbers under load are noisy
-        "bar": f">={MIN_X_IDIOM:g}x idiom",
-        "meets_bar": idiom_s / kernel_s >= MIN_X_IDIOM,
-    }
+    numbers = streaming_numbers(
+        benchmark,
+        call,
+        idiom=lambda: idiom(w, g, dim, group_size),
+        reference=lambda: reference_head_taylor(w, g, dim=dim, group_size=group_size),
+        nbytes=w.nbytes + g.nbytes,
+        device=device,
+        rounds=ROUNDS,
+        min_x_idiom=MIN_X_IDIOM,
+    )
+    numbers["backend"] = ht._pick_backend(torch.device(device))
     if device == "cuda":
-        for backend in ("cuda", "triton"):
-            try:
-                numbers[f"{backend}_s"] = time_fn(
-                    lambda b=backend: ht._BACKENDS[b](scores, w, g, dim, group_size), device
-                )
-            except RuntimeError as exc:  # a backend that is not built
-                numbers[f"{backend}_s"] = f"unavailable: {exc}"
+        numbers.update(gpu_backend_times(lambda backend: ht._BACKENDS[backend](scores, w, g, dim, group_size)))
     case = f"{name} {shape[0]}x{shape[1]} dim{dim} gs{group_size} {dtype}"
     results.add("head_taylor", case, device=device, **numbers)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import memcpy_time, time_fn
+from conftest import DEVICES, gpu_backend_times, memcpy_time, time_fn
 
 from fastprune.ops import (
     reference_sparse24_compress,
@@ -46,7 +46,6 @@ from fastprune.ops import (
 
 s24 = importlib.import_module("fastprune.ops.sparse24")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GEMV_BAR = 1.3  # the issue's bar: 2:4 GEMV on 4096x4096 vs dense torch.mv, every dtype
@@ -131,14 +130,7 @@ def test_sparse24_matmul(benchmark, results, device, out, inp, tokens, dtype):
 
 def gpu_backends(x, values, meta, dense) -> dict:
     """Times of the CUDA and Triton products and of the vendor 2:4 kernels (each may be unavailable)."""
-    numbers = {}
-    for backend in ("cuda", "triton"):
-        try:
-            numbers[f"{backend}_s"] = time_fn(
-                lambda b=backend: s24._BACKENDS["matmul"][b](x, values, meta, None), "cuda"
-            )
-        except RuntimeError as exc:
-            numbers[f"{backend}_s"] = f"unavailable: {exc}"
+    numbers = gpu_backend_times(lambda backend: s24._BACKENDS["matmul"][backend](x, values, meta, None))
     numbers["cublas_linear_s"] = time_fn(lambda: F.linear(x, dense), "cuda")
     try:
         vendor = s24.to_vendor_sparse(values, meta)

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing, a same-size memcpy baseline, and the results file.
+"""Shared benchmark plumbing: timing, a same-size memcpy baseline, the numbers every suite records, and the
+results file.
 
 Every suite records rows with ``results.add(family, case, **numbers)``; at the end of the session the rows are
 merged into ``benchmarks/results/<device>.json`` (keyed by family and case, so suites can run separately) and
@@ -6,6 +7,7 @@ rendered to ``<device>.md``.
 """
 
 import json
+import os
 import platform
 import re
 import statistics
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def device_name(device: str = "cpu") -> str:
@@ -63,6 +66,54 @@ def memcpy_time(nbytes: int, device: str = "cpu") -> float:
     src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     return time_fn(lambda: dst.copy_(src), device)
+
+
+def streaming_numbers(
+    benchmark, call, idiom, reference, nbytes: int, device: str, rounds: int, min_x_idiom: float
+) -> dict:
+    """Time a kernel that streams ``nbytes`` of input once, and the row of numbers its suite records.
+
+    - ``time_s``: ``call()`` (pytest-benchmark median over ``rounds``);
+    - ``gbps``: bytes read per second;
+    - ``pct_memcpy``: a copy of the same bytes into an existing buffer, as a percentage of ``time_s`` (a copy also
+      writes them, so a pure streaming read can exceed 100%);
+    - ``x_reference`` / ``x_idiom``: speedup over ``reference()`` and over ``idiom()``, the plain torch code;
+    - ``bar`` / ``meets_bar``: the issue's bar (``>= min_x_idiom`` times the idiom) and whether this run met it;
+    - ``load_1min``: the machine's load average when the case ran (other work on a shared machine skews times).
+    """
+    copy_s = memcpy_time(nbytes, device)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+    kernel_s = benchmark.stats.stats.median
+    idiom_s = time_fn(idiom, device, reps=5)
+    reference_s = time_fn(reference, device, reps=3)
+    return {
+        "time_s": kernel_s,
+        "gbps": nbytes / kernel_s / 1e9,
+        "pct_memcpy": 100 * copy_s / kernel_s,
+        "x_reference": reference_s / kernel_s,
+        "x_idiom": idiom_s / kernel_s,
+        "memcpy_s": copy_s,
+        "idiom_s": idiom_s,
+        "in_mb": nbytes / 2**20,
+        "load_1min": os.getloadavg()[0],  # the machine may be shared: numbers under load are noisy
+        "bar": f">={min_x_idiom:g}x idiom",
+        "meets_bar": idiom_s / kernel_s >= min_x_idiom,
+    }
+
+
+def gpu_backend_times(run_backend) -> dict:
+    """``cuda_s`` / ``triton_s``: times of ``run_backend("cuda")`` and ``run_backend("triton")``.
+
+    The dispatch prefers the CUDA module over Triton without a measurement; these numbers must confirm it.
+    A backend that is not built is recorded as ``unavailable: <why>``.
+    """
+    numbers = {}
+    for backend in ("cuda", "triton"):
+        try:
+            numbers[f"{backend}_s"] = time_fn(lambda b=backend: run_backend(b), "cuda")
+        except RuntimeError as exc:  # a backend that is not built
+            numbers[f"{backend}_s"] = f"unavailable: {exc}"
+    return numbers
 
 
 def _git_commit() -> str:
