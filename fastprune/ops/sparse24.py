@@ -114,12 +114,13 @@ def _gather_kept(dense: Tensor, meta: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- checks
 
 
+def _check_float_matrix(op: str, name: str, t: Tensor, shape: str) -> None:
+    torch._check(t.dim() == 2, lambda: f"{op}: {name} must be 2-D {shape}, got {t.dim()}-D")
+    torch._check(t.dtype in FLOAT_DTYPES, lambda: f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
 def _check_weight(op: str, weight: Tensor, score: Tensor | None, act_norm: Tensor | None) -> None:
-    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [out, in], got {weight.dim()}-D")
-    torch._check(
-        weight.dtype in FLOAT_DTYPES,
-        lambda: f"{op}: weight must be float32, bfloat16 or float16, got {weight.dtype}",
-    )
+    _check_float_matrix(op, "weight", weight, "[out, in]")
     torch._check(
         weight.shape[1] % 4 == 0,
         lambda: f"{op}: in_features ({weight.shape[1]}) must be divisible by 4 for 2:4 groups",
@@ -144,11 +145,7 @@ def _check_weight(op: str, weight: Tensor, score: Tensor | None, act_norm: Tenso
 
 
 def _check_compressed(op: str, values: Tensor, meta: Tensor) -> None:
-    torch._check(values.dim() == 2, lambda: f"{op}: values must be 2-D [out, in/2], got {values.dim()}-D")
-    torch._check(
-        values.dtype in FLOAT_DTYPES,
-        lambda: f"{op}: values must be float32, bfloat16 or float16, got {values.dtype}",
-    )
+    _check_float_matrix(op, "values", values, "[out, in/2]")
     torch._check(
         values.shape[1] % 2 == 0,
         lambda: f"{op}: values has {values.shape[1]} columns; 2:4 needs in_features divisible by 4",
