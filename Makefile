@@ -7,9 +7,9 @@ DEMO_OUT ?= runs/demo-smollm2
 # The CPU build of torch, installed from the local file; an unpinned torch would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all bench lint format clean
+.PHONY: demo test test-all bench compare lint format clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cuda/*.cu)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
@@ -32,7 +32,13 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests -m "slow or not slow"
 
 bench: $(STAMP)
-	$(PY) -m pytest -q -s benchmarks --benchmark-disable-gc
+	$(PY) -m pytest -q -s benchmarks/bench_*.py --benchmark-disable-gc
+
+# fastprune against Torch-Pruning's LLM recipe and ShortGPT-style depth pruning on SmolLM2 (about an hour on 2 cores):
+# writes benchmarks/results/compare_peers.{md,json,png}. Torch-Pruning is only needed here, so it is installed here.
+compare: $(STAMP)
+	$(PIP) install --quiet "torch-pruning==1.6.1" "$(TORCH_SPEC)"
+	$(PY) benchmarks/compare_peers.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastprune kernels tests benchmarks
