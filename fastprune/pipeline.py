@@ -24,7 +24,7 @@ from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.latency import latency_budget, measure_ms
 from fastprune.models import cache_dir
 from fastprune.planning import Plan, check_feasible, make_plan
-from fastprune.reconstruction import collect_grams, grams_for_plan, reconstruct
+from fastprune.reconstruction import MIN_TOKENS_PER_INPUT, collect_grams, grams_for_plan, reconstruct, tokens_needed
 from fastprune.recovery import RecoveryConfig, recover
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
@@ -101,6 +101,7 @@ def prune(
     if plan is None or config.reconstruct:
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         batches = windows.batches(config.calibration.batch_size)
+        config = _fit_to_calibration(adapter, windows, config)
     grams = None
     if config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct:
         layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
@@ -162,6 +163,26 @@ def _budget(model, adapter, config: PruningConfig) -> Budget | None:
     return None
 
 
+def _fit_to_calibration(adapter, windows: TokenWindows, config: PruningConfig) -> PruningConfig:
+    """Warn when the calibration text is too short for least-squares fits, and skip the refit then."""
+    tokens, needed = windows.ids.numel(), tokens_needed(adapter)
+    if tokens >= needed:
+        return config
+    short = (
+        f"{tokens} calibration tokens are fewer than the {needed} that least-squares fits need "
+        f"({MIN_TOKENS_PER_INPUT} per input of the widest projection)"
+    )
+    more = "give more text with --samples / --seq-len (CalibrationConfig)"
+    if config.criterion == "obs":
+        logger.warning("%s: obs scores will fit the calibration text; %s, or use taylor", short, more)
+    if not config.reconstruct:
+        return config
+    logger.warning(
+        "%s: skipping the refit, which would fit the calibration text rather than the model; %s", short, more
+    )
+    return dataclasses.replace(config, reconstruct=False)
+
+
 def _cut(model, plan: Plan, config: PruningConfig, grams, inplace: bool, seconds: dict) -> torch.nn.Module:
     """Reconstruct (if asked) and slice a copy of the model (or the model itself when ``inplace``)."""
     pruned = model if inplace else copy.deepcopy(model)
@@ -169,6 +190,7 @@ def _cut(model, plan: Plan, config: PruningConfig, grams, inplace: bool, seconds
     if config.reconstruct:
         with _timed(seconds, "reconstruct"):
             reconstruct(adapter, plan, grams, config.damping)
+    plan.info["reconstructed"] = config.reconstruct
     with _timed(seconds, "surgery"):
         apply_plan(adapter, plan)
     return pruned

@@ -25,6 +25,21 @@ if TYPE_CHECKING:
     from fastprune.planning import Plan
 
 
+#: A refit solves for one weight per kept input column; with fewer calibration tokens than this many per input of
+#: the widest projection it fits the calibration text rather than the model. On SmolLM2 (1536 MLP inputs) at 25%
+#: removed, the refit roughly halved held-out perplexity from 8192 tokens on (5.3 per input), was mixed at 2 to 2.7
+#: and made it 4.5x worse at 0.7.
+MIN_TOKENS_PER_INPUT = 4
+
+
+def tokens_needed(adapter: Adapter) -> int:
+    """Calibration tokens a refit needs: ``MIN_TOKENS_PER_INPUT`` per input of the widest output projection."""
+    widths = (
+        max(adapter.attention(i).o.in_features, adapter.mlp(i).output.in_features) for i in range(len(adapter.layers))
+    )
+    return MIN_TOKENS_PER_INPUT * max(widths, default=0)
+
+
 @dataclass
 class InputGrams:
     """Per layer, the Gram matrix of the attention output projection's and MLP down projection's inputs."""

@@ -10,7 +10,7 @@ from tinymodels import tiny_decoder, token_batch
 import fastprune
 from fastprune.adapters import adapter_for
 from fastprune.planning import LayerCut, Plan
-from fastprune.reconstruction import grams_for_plan, least_squares_weight, reconstruct
+from fastprune.reconstruction import grams_for_plan, least_squares_weight, reconstruct, tokens_needed
 from fastprune.scoring.obs import obs_group_scores
 from fastprune.surgery import apply_plan
 
@@ -94,3 +94,27 @@ def test_obs_criterion_prunes_end_to_end(tokenizer):
     assert result.scores.criterion == "obs"
     assert result.plan.info["removed_fraction"] >= 0.3
     assert set(result.seconds) >= {"score", "plan", "reconstruct", "surgery"}
+
+
+@pytest.mark.parametrize("samples", [1, 8])
+def test_refit_runs_only_with_enough_calibration_tokens(samples, caplog):
+    """Fewer than MIN_TOKENS_PER_INPUT tokens per input of the widest projection: the refit is skipped with a
+    warning (the model is sliced as it is); with enough, it runs."""
+    model = tiny_decoder(heads=6, kv_heads=2, layers=2, channels=48)
+    adapter = adapter_for(model)
+    ids = token_batch(batch=samples, length=64, seed=1)
+    config = fastprune.PruningConfig(
+        criterion="magnitude_l2",
+        channel_ratio=0.25,
+        calibration=fastprune.CalibrationConfig(num_samples=samples, seq_len=64),
+    )
+    enough = ids.numel() >= tokens_needed(adapter)
+    assert enough == (samples == 8)  # 64 tokens, 512 tokens; tokens_needed is 4 * 48
+    with caplog.at_level("WARNING", logger="fastprune"):
+        result = fastprune.prune(model, config, ids)
+    assert result.plan.info["reconstructed"] is enough
+    assert ("skipping the refit" in caplog.text) is not enough
+    sliced = copy.deepcopy(model)
+    apply_plan(adapter_for(sliced), result.plan)
+    same = all(torch.equal(a, b) for a, b in zip(sliced.parameters(), result.model.parameters(), strict=True))
+    assert same is not enough
