@@ -181,8 +181,9 @@ def prune_fastprune(model, windows, method: Method, fraction: float, s: Settings
 
 
 def tp_knobs(adapter, fraction: float, non_embedding: int, round_to: int) -> dict:
-    """Torch-Pruning's head ratio (the target fraction, as its LLM example sets it) and the MLP ratio that
-    brings the removed non-embedding parameters closest to ``fraction``, given the heads its rules remove."""
+    """Torch-Pruning's head ratio (the target fraction, as its LLM example sets it, within what its GQA rule can
+    do) and the MLP ratio that brings the removed non-embedding parameters closest to ``fraction``, given the
+    heads its rules remove."""
     att, mlp, d = adapter.attention(0), adapter.mlp(0), adapter.head_dim
     heads, kv_heads = att.q.out_features // d, att.k.out_features // d
     width = mlp.output.in_features
@@ -196,14 +197,19 @@ def tp_knobs(adapter, fraction: float, non_embedding: int, round_to: int) -> dic
     # Local ranking removes ceil(ratio * heads) query heads per layer; under GQA that count is rounded up to a
     # multiple of the KV heads (the same number of query heads leaves every KV group).
     removed_heads = math.ceil(fraction * heads)
+    head_ratio = fraction
     if heads != kv_heads:
         removed_heads = kv_heads * math.ceil(removed_heads / kv_heads)
+        # Leaving a KV group one query head makes the layout look like MHA to Torch-Pruning, which then skips the
+        # head pruning of the whole layer: remove at most group size - 2 heads per group, asked for exactly.
+        removed_heads = min(removed_heads, kv_heads * max(0, heads // kv_heads - 2))
+        head_ratio = min(fraction, max(0.0, (removed_heads - 0.5) / heads))
     left = fraction * non_embedding / len(adapter.layers) - removed_heads * per_head
     keep = max(round_to, round_to * round((width - max(0.0, left) / per_channel) / round_to))
     # Torch-Pruning keeps int(width * (1 - ratio)) channels: aim half a channel inside the count.
     ratio = (width - keep - 0.5) / width if keep < width else 0.0
     return {
-        "head_pruning_ratio": fraction,
+        "head_pruning_ratio": head_ratio,
         "pruning_ratio": ratio,
         "expected_query_heads_removed_per_layer": removed_heads,
         "expected_mlp_channels_kept_per_layer": keep,
