@@ -763,10 +763,16 @@ def to_markdown(results: dict) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}, torch-pruning {m['torch_pruning']}, "
         f"fastprune {m['fastprune']} at {m['commit']}"
     )
+    busy = max(*m["loadavg_start"], *m["loadavg_end"]) > m["cores"]
     out.append(
         f"- load average (1/5/15 min) at start {tuple(round(x, 1) for x in m['loadavg_start'])}, at end "
-        f"{tuple(round(x, 1) for x in m['loadavg_end'])}: above {m['cores']}, other jobs shared the cores, "
-        "which slows every time and adds noise (latencies are interleaved so that the noise hits all alike)"
+        f"{tuple(round(x, 1) for x in m['loadavg_end'])}"
+        + (
+            f": above {m['cores']}, other jobs shared the cores, which slows every time and adds noise "
+            "(latencies are interleaved so that the noise hits all alike)"
+            if busy
+            else ""
+        )
     )
     peak = next((r["peak_method"] for r in results["rows"] if r.get("peak_method")), "-")
     out.append(f"- memory: {peak}, one subprocess per method")
