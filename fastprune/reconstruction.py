@@ -58,8 +58,10 @@ def collect_grams(
 
     def accumulate(store: dict, i: int):
         def hook(_module, args):
-            x = args[0].detach().flatten(0, -2).double()
-            gram = x.T @ x
+            # One batch's product in fp32 (half the time of fp64; ~1e-6 relative error at a few thousand
+            # tokens, far below the damping), summed over batches in fp64.
+            x = args[0].detach().flatten(0, -2).float()
+            gram = (x.T @ x).double()
             store[i] = gram if store[i] is None else store[i] + gram
 
         return hook
