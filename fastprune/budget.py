@@ -9,7 +9,7 @@ the model fits the budget.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from fastprune.adapters.base import LayerShape, ModelShape, ParamCosts
 from fastprune.errors import ConfigError
@@ -33,6 +33,11 @@ class Budget:
     def of(self, shape: ModelShape) -> float:
         """The measure of a model of this shape."""
         return self.fixed + sum(self.layer_cost(s) for s in shape.layers)
+
+    def scaled(self, factor: float) -> Budget:
+        """The same budget with every cost multiplied by ``factor`` (a latency table put to today's speed)."""
+        costs = {k: factor * getattr(self, k) for k in ("fixed", "layer", "head", "kv_head", "channel")}
+        return replace(self, **costs)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -73,6 +73,20 @@ def _variant_plans(shape: ModelShape) -> list[Plan]:
     return plans
 
 
+def _measure_variants(model, plans: list[Plan], kind: str, tokens: int, rounds: int = 3) -> list[float]:
+    """Median milliseconds of each variant, measured in interleaved rounds so that a burst of other work on the
+    machine lands on one round of every variant instead of on all the repeats of one. One variant is in memory
+    at a time (each is cut again every round: far cheaper than the measurement)."""
+    times: list[list[float]] = [[] for _ in plans]
+    for _ in tqdm(range(rounds), desc=f"latency table ({kind})", disable=None, leave=False):
+        for plan, samples in zip(plans, times, strict=True):
+            variant = copy.deepcopy(model)
+            apply_plan(adapter_for(variant), plan)
+            samples.append(measure_ms(variant, kind, tokens, repeats=1))
+            del variant
+    return [statistics.median(samples) for samples in times]
+
+
 def _features(shape: ModelShape) -> list[float]:
     return [
         1.0,
@@ -115,13 +129,9 @@ def latency_budget(model, kind: str, tokens: int, limit_ms: float, cache_dir: Pa
         if path.is_file():
             coefficients = json.loads(path.read_text())["coefficients"]
             return Budget(f"{kind}_ms", limit_ms, **coefficients)
-    rows, times = [], []
-    for plan in tqdm(_variant_plans(shape), desc=f"latency table ({kind})", disable=None, leave=False):
-        variant = copy.deepcopy(model)
-        apply_plan(adapter_for(variant), plan)
-        rows.append(_features(plan.result_shape()))
-        times.append(measure_ms(variant, kind, tokens))
-        del variant
+    plans = _variant_plans(shape)
+    rows = [_features(plan.result_shape()) for plan in plans]
+    times = _measure_variants(model, plans, kind, tokens)
     a, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
     coefficients = dict(zip(COEFFICIENTS, _nonnegative_lstsq(a, b).tolist(), strict=True))
     fitted = a @ torch.tensor(list(coefficients.values()), dtype=torch.float64)

@@ -159,7 +159,10 @@ def _budget(model, adapter, config: PruningConfig) -> Budget | None:
             config.target_memory_mb,
         )
     if config.target_latency_ms is not None:
-        return latency_budget(model, config.latency_kind, config.latency_tokens, config.target_latency_ms, cache_dir())
+        kind, tokens = config.latency_kind, config.latency_tokens
+        budget = latency_budget(model, kind, tokens, config.target_latency_ms, cache_dir())
+        # The (cached) table gives relative costs; the machine's speed right now comes from the dense model.
+        return budget.scaled(measure_ms(model, kind, tokens) / budget.of(adapter.shape()))
     return None
 
 
@@ -207,10 +210,9 @@ def _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, sec
         logger.info("latency check %d: %.1f ms for a %.1f ms target", attempt + 1, measured, target)
         if (1 - LATENCY_SLACK) * target <= measured <= target or scores is None:
             break
+        # Put the table to this plan's measurement and aim at the middle of the accepted band.
         predicted = budget.of(plan.result_shape())
-        # Aim at the middle of the accepted band, in the table's own units.
-        aim = (1 - LATENCY_SLACK / 2) * target
-        budget = dataclasses.replace(budget, limit=budget.limit * aim / measured if measured else predicted)
+        budget = dataclasses.replace(budget.scaled(measured / predicted), limit=(1 - LATENCY_SLACK / 2) * target)
         new_plan = make_plan(scores, config, costs, budget)
         new_plan.info["calibration"] = plan.info.get("calibration")
         if new_plan.cuts == plan.cuts and new_plan.drop_layers == plan.drop_layers:

@@ -55,19 +55,22 @@ def test_latency_fit_recovers_a_linear_machine(monkeypatch):
     assert got == pytest.approx([5.0, 0.5, 0.2, 0.3, 0.01], rel=1e-6, abs=1e-9)
 
 
-def test_latency_target_is_met_within_the_slack(monkeypatch, tokenizer, tmp_path):
+@pytest.mark.parametrize("off", [1.1, 0.5, 2.0])
+def test_latency_target_is_met_within_the_slack(off, monkeypatch, tokenizer, tmp_path):
+    """The table is ``off`` times the machine (as when it was measured during other work): the measured check
+    corrects the plan until the pruned model measures within the band."""
     import fastprune.pipeline as pipeline
 
     monkeypatch.setattr(latency, "measure_ms", fake_ms)
-    monkeypatch.setattr(pipeline, "measure_ms", lambda m, k, t: 1.1 * fake_ms(m, k, t))  # the table is 10% off
+    monkeypatch.setattr(pipeline, "measure_ms", lambda m, k, t: off * fake_ms(m, k, t))
     monkeypatch.setenv("FASTPRUNE_CACHE", str(tmp_path))
     model = tiny_decoder(heads=6, kv_heads=2, channels=48)
-    dense = fake_ms(model, "prefill", 32) * 1.1
+    dense = fake_ms(model, "prefill", 32) * off
     config = PruningConfig(criterion="taylor", target_latency_ms=0.8 * dense, ranking="global", calibration=CAL)
     result = fastprune.prune(model, config, "pydoc:calibration", tokenizer=tokenizer)
     check = result.plan.info["latency_check"]
     assert 0.9 * 0.8 * dense <= check["measured_ms"] <= 0.8 * dense
-    assert check["measured_ms"] == pytest.approx(1.1 * fake_ms(result.model, "prefill", 32))
+    assert check["measured_ms"] == pytest.approx(off * fake_ms(result.model, "prefill", 32))
 
 
 def test_unreachable_latency_target_is_refused_before_scoring(monkeypatch, tokenizer):
