@@ -396,6 +396,7 @@ def _cmd_prune(args) -> None:
                 dataclasses.replace(config, criterion=criterion),
                 args.calibration,
                 loaded.tokenizer,
+                grams=result.grams if args.steps == 1 else None,  # same model, same calibration windows
             )
             models[f"pruned ({criterion})"] = other.model
         result.report = evaluate(models, loaded.tokenizer, eval_config)

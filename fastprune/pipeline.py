@@ -24,7 +24,14 @@ from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.latency import latency_budget, measure_ms
 from fastprune.models import cache_dir
 from fastprune.planning import Plan, check_feasible, make_plan
-from fastprune.reconstruction import MIN_TOKENS_PER_INPUT, collect_grams, grams_for_plan, reconstruct, tokens_needed
+from fastprune.reconstruction import (
+    MIN_TOKENS_PER_INPUT,
+    InputGrams,
+    collect_grams,
+    grams_for_plan,
+    reconstruct,
+    tokens_needed,
+)
 from fastprune.recovery import RecoveryConfig, recover
 from fastprune.scoring import Scores, score_for_config
 from fastprune.surgery import apply_plan
@@ -45,6 +52,7 @@ class PruneResult:
     recovery: dict | None = None  # RecoveryResult.to_dict() when the model was recovered
     steps: list[dict] = field(default_factory=list)  # per-step numbers of an iterative prune
     plans: list[Plan] = field(default_factory=list)  # every step's plan (each applies to the previous result)
+    grams: InputGrams | None = None  # the input Gram matrices it collected (reusable by prune(grams=...))
 
 
 def calibration_windows(tokenizer, calibration, config: PruningConfig, encoder: bool = False) -> TokenWindows:
@@ -75,6 +83,7 @@ def prune(
     inplace: bool = False,
     recovery: RecoveryConfig | None = None,
     teacher: torch.nn.Module | None = None,
+    grams: InputGrams | None = None,
 ) -> PruneResult:
     """Prune ``model`` as ``config`` asks (or as a given ``plan`` says) and return the smaller dense model.
 
@@ -84,7 +93,8 @@ def prune(
     budget or undershoots it by more than ``LATENCY_SLACK``). With ``recovery`` the pruned model is then trained
     (fastprune.recovery) on every window of the calibration text, distilling from ``teacher`` (default: the input
     model). With ``evaluation`` the original and pruned models are measured side by side and the report is
-    returned with the result.
+    returned with the result. ``grams``, the ``result.grams`` of an earlier prune of the same model on the same
+    calibration windows (another criterion or target), saves collecting them again.
     """
     if inplace and (evaluation is not None or config.target_latency_ms is not None):
         raise ConfigError("evaluation and latency targets need the original model, which inplace=True overwrites")
@@ -102,8 +112,10 @@ def prune(
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         batches = windows.batches(config.calibration.batch_size)
         config = _fit_to_calibration(adapter, windows, config)
-    grams = None
-    if config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct:
+    needs_all = (
+        config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct
+    )
+    if needs_all and not (grams is not None and len(grams.heads) == len(grams.channels) == len(adapter.layers)):
         layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
         grams = collect_grams(adapter, batches, layers, layers)
     if plan is None:
@@ -113,7 +125,7 @@ def prune(
         with _timed(seconds, "plan"):
             plan = make_plan(scores, config, costs, budget)
         plan.info["calibration"] = windows.describe()
-    if config.reconstruct and grams is None:
+    if config.reconstruct and (grams is None or not grams.covers(plan)):
         grams = grams_for_plan(adapter, batches, plan)
     pruned = _cut(model, plan, config, grams, inplace, seconds)
     if config.target_latency_ms is not None:
@@ -129,7 +141,7 @@ def prune(
             report = evaluate({"dense": model, "pruned": pruned}, tokenizer, evaluation)
         report.info.update({"criterion": plan.info.get("criterion"), "counts": plan.counts()})
     cal_info = windows.describe() if windows is not None else {}
-    return PruneResult(pruned, plan, scores, report, cal_info, seconds, recovered, plans=[plan])
+    return PruneResult(pruned, plan, scores, report, cal_info, seconds, recovered, plans=[plan], grams=grams)
 
 
 def recovery_windows(tokenizer, calibration, config: PruningConfig, encoder: bool = False) -> TokenWindows:

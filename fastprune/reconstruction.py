@@ -47,6 +47,12 @@ class InputGrams:
     heads: dict[int, torch.Tensor]
     channels: dict[int, torch.Tensor]
 
+    def covers(self, plan: Plan) -> bool:
+        """Whether these matrices include every layer whose heads or channels ``plan`` cuts."""
+        return all(
+            (not c.heads or i in self.heads) and (not c.channels or i in self.channels) for i, c in plan.cuts.items()
+        )
+
 
 def collect_grams(
     adapter: Adapter, batches: list[torch.Tensor], head_layers: list[int], channel_layers: list[int]

@@ -118,3 +118,25 @@ def test_refit_runs_only_with_enough_calibration_tokens(samples, caplog):
     apply_plan(adapter_for(sliced), result.plan)
     same = all(torch.equal(a, b) for a, b in zip(sliced.parameters(), result.model.parameters(), strict=True))
     assert same is not enough
+
+
+def test_grams_of_an_earlier_prune_are_reused_with_the_same_result(tokenizer, monkeypatch):
+    """prune(grams=result.grams) on the same model and windows skips collecting them and cuts exactly as without."""
+    import fastprune.pipeline as pipeline
+
+    model = tiny_decoder(heads=6, kv_heads=2, layers=3, channels=48)
+    cal = fastprune.CalibrationConfig(num_samples=8, seq_len=48)
+    first = fastprune.prune(
+        model,
+        fastprune.PruningConfig(criterion="obs", target_params=0.3, calibration=cal),
+        "pydoc:calibration",
+        tokenizer=tokenizer,
+    )
+    taylor = fastprune.PruningConfig(criterion="taylor", target_params=0.3, calibration=cal)
+    fresh = fastprune.prune(model, taylor, "pydoc:calibration", tokenizer=tokenizer)
+    monkeypatch.setattr(pipeline, "grams_for_plan", lambda *a: pytest.fail("collected the Gram matrices again"))
+    monkeypatch.setattr(pipeline, "collect_grams", lambda *a: pytest.fail("collected the Gram matrices again"))
+    reused = fastprune.prune(model, taylor, "pydoc:calibration", tokenizer=tokenizer, grams=first.grams)
+    assert reused.plan.cuts == fresh.plan.cuts and reused.plan.info["reconstructed"]
+    for a, b in zip(fresh.model.parameters(), reused.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
