@@ -29,6 +29,7 @@ from fastprune.reconstruction import (
     InputGrams,
     collect_grams,
     grams_for_plan,
+    layers_for_plan,
     reconstruct,
     tokens_needed,
 )
@@ -115,8 +116,8 @@ def prune(
     needs_all = (
         config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct
     )
-    if needs_all and not (grams is not None and len(grams.heads) == len(grams.channels) == len(adapter.layers)):
-        layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
+    layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
+    if needs_all and not (grams is not None and grams.has(layers, layers)):
         grams = collect_grams(adapter, batches, layers, layers)
     if plan is None:
         torch.manual_seed(config.seed)
@@ -125,7 +126,7 @@ def prune(
         with _timed(seconds, "plan"):
             plan = make_plan(scores, config, costs, budget)
         plan.info["calibration"] = windows.describe()
-    if config.reconstruct and (grams is None or not grams.covers(plan)):
+    if config.reconstruct and (grams is None or not grams.has(*layers_for_plan(plan))):
         grams = grams_for_plan(adapter, batches, plan)
     pruned = _cut(model, plan, config, grams, inplace, seconds)
     if config.target_latency_ms is not None:

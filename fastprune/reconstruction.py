@@ -47,11 +47,9 @@ class InputGrams:
     heads: dict[int, torch.Tensor]
     channels: dict[int, torch.Tensor]
 
-    def covers(self, plan: Plan) -> bool:
-        """Whether these matrices include every layer whose heads or channels ``plan`` cuts."""
-        return all(
-            (not c.heads or i in self.heads) and (not c.channels or i in self.channels) for i, c in plan.cuts.items()
-        )
+    def has(self, head_layers, channel_layers) -> bool:
+        """Whether these matrices include the given layers' o_proj (heads) and down_proj (channels) inputs."""
+        return set(head_layers) <= self.heads.keys() and set(channel_layers) <= self.channels.keys()
 
 
 def collect_grams(
@@ -102,11 +100,14 @@ def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
     return (idx[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
+def layers_for_plan(plan: Plan) -> tuple[list[int], list[int]]:
+    """The layers whose heads, and those whose channels, ``plan`` cuts (the Gram matrices its refit needs)."""
+    return [i for i, c in plan.cuts.items() if c.heads], [i for i, c in plan.cuts.items() if c.channels]
+
+
 def grams_for_plan(adapter: Adapter, batches: list[torch.Tensor], plan: Plan) -> InputGrams:
     """The Gram matrices reconstruction needs for this plan (only the layers it cuts)."""
-    heads = [i for i, c in plan.cuts.items() if c.heads]
-    channels = [i for i, c in plan.cuts.items() if c.channels]
-    return collect_grams(adapter, batches, heads, channels)
+    return collect_grams(adapter, batches, *layers_for_plan(plan))
 
 
 def reconstruct(adapter: Adapter, plan: Plan, grams: InputGrams, damping: float) -> None:
