@@ -49,6 +49,12 @@ def _add_reconstruction(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_DAMPING,
         help=f"ridge term of the least-squares refit, relative to the mean input energy (default {DEFAULT_DAMPING})",
     )
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        help="cut one layer at a time, each calibrated (refit, and units re-chosen by layer-local criteria) on the "
+        "activations of the layers already cut (SparseGPT/SlimGPT style); the planned widths do not change",
+    )
 
 
 def _add_recovery(p: argparse.ArgumentParser, prefix: str) -> None:
@@ -226,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruction(p)
     p.add_argument("--plan", type=Path, help="apply this plan.json instead of scoring and planning")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="hold one decoder layer at a time: read from the safetensors files, written out shard by shard, "
+        "resumable (chosen automatically when the model would not fit in memory, and under torchrun); needs a "
+        "layer-local criterion (not taylor, fisher, sensitivity: use taylor_local, fisher_local)",
+    )
+    p.add_argument(
         "--compare",
         action="append",
         default=[],
@@ -331,6 +344,7 @@ def _pruning_config(args, calibration: bool = True) -> PruningConfig:
             "calibration": CalibrationConfig(args.samples, args.seq_len, args.batch_size, args.recovery_samples),
             "reconstruct": not args.no_reconstruct,
             "damping": args.damping,
+            "sequential": args.sequential,
         }
     return PruningConfig(
         head_ratio=args.head_ratio,
@@ -375,6 +389,9 @@ def _cmd_prune(args) -> None:
 
     config = _pruning_config(args)
     plan = Plan.load(args.plan) if args.plan else None
+    if _streams(args):
+        _prune_streaming(args, config, plan)
+        return
     recovery = _recovery_config(args, "recover-", args.recover) if args.recover else None
     loaded = load_source(args.model)
     check_output_dir(args.out, list(loaded.inputs), args.overwrite)  # fail before minutes of work
@@ -411,6 +428,49 @@ def _cmd_prune(args) -> None:
     if result.report is not None:
         print(result.report.to_markdown())
     print(f"saved to {out}")
+
+
+def _streams(args) -> bool:
+    """Stream when asked, under a launcher (every process streams its share), or when memory is too small."""
+    from fastprune.distributed import launched
+
+    if args.stream or launched():
+        return True
+    if args.model is None or not Path(args.model).is_dir():
+        return False
+    from fastprune.layerwise.stream import should_stream
+
+    return should_stream(Path(args.model))
+
+
+def _prune_streaming(args, config: PruningConfig, plan) -> None:
+    from fastprune.distributed import current
+    from fastprune.layerwise.stream import prune_streaming
+
+    unsupported = {
+        "--recover": args.recover,
+        "--steps": args.steps > 1,
+        "--compare": args.compare,
+    }
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} need the model in memory; stream first, then run `fastprune recover` / `eval` "
+            f"on the output"
+        )
+    args.resume_hint = " (rerun the same command to resume from the last finished layer)"
+    result = prune_streaming(args.model, config, args.out, args.calibration, plan, args.overwrite)
+    if not current().is_main:
+        return
+    _print_summary(result.plan)
+    layers = [r for r in result.layer_seconds if r["pass"] == "cut"]
+    print(
+        f"streamed {len(layers)} layers on {current().world} process(es) in {result.seconds['total']:.1f} s; "
+        f"peak resident memory {result.peak_rss_bytes / 2**20:.0f} MiB"
+    )
+    if not args.no_eval:
+        print(f"not evaluated (streamed): `fastprune eval {args.model or 'smollm2'} {args.out}` measures it")
+    print(f"saved to {result.out}")
 
 
 def _cmd_recover(args) -> None:
@@ -528,6 +588,7 @@ def _cmd_apply(args) -> None:
     config = PruningConfig(
         reconstruct=not args.no_reconstruct,
         damping=args.damping,
+        sequential=args.sequential,
         calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
     )
     result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan, evaluation=eval_config)
@@ -579,6 +640,7 @@ def _cmd_analyze(args) -> None:
         ranking=args.ranking,
         reconstruct=not args.no_reconstruct,
         damping=args.damping,
+        sequential=args.sequential,
         seed=args.seed,
         calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
     )
@@ -621,19 +683,27 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastprune.distributed import init_from_env, shutdown
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    ranks = init_from_env()  # under torchrun: join the process group; otherwise rank 0 of 1
+    quiet = args.quiet or not ranks.is_main
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         COMMANDS[args.command](args)
     except FastpruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if ranks.is_main:  # every process meets the same bad input; one line says it
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (rerun with --resume to continue from the checkpoint)" if getattr(args, "checkpoint_dir", None) else ""
+        hint = getattr(args, "resume_hint", hint)
         print(f"interrupted: stopped cleanly, no output was written{hint}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

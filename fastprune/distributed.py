@@ -128,5 +128,12 @@ def agree(value, what: str) -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
     if current().distributed:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -252,6 +252,8 @@ def cut_layers(
     )
     start, hidden, extra = progress.load("cut")
     cuts = {int(i): LayerCut(**c) for i, c in extra.get("cuts", {}).items()}
+    for i, cut in cuts.items():  # layers a resumed pass finished: give their (unloaded) modules the cut widths
+        _cut_widths(adapter, Plan(plan.shape, {i: cut}), i)
     if hidden is not None:
         calls = [c.next(h) for c, h in zip(calls, hidden, strict=True)]
     dropped = set(plan.drop_layers)
@@ -313,11 +315,17 @@ def _refit_and_cut(adapter, shape, i: int, cut: LayerCut, stats: LayerStats | No
             channels = {i: stats.channel_gram} if cut.channels else {}
             reconstruct(adapter, one, InputGrams(heads, channels), config.damping)
     with timings.phase(row, "cut"):
-        heads, kv_heads, channels = one.kept(i)
-        if cut.heads or cut.kv_heads:
-            cut_attention(adapter, i, heads, kv_heads)
-        if cut.channels:
-            cut_mlp(adapter, i, channels)
+        _cut_widths(adapter, one, i)
+
+
+def _cut_widths(adapter: Adapter, plan: Plan, i: int) -> None:
+    """Slice layer i as ``plan`` says (on the meta device this only changes the shapes)."""
+    cut = plan.cut(i)
+    heads, kv_heads, channels = plan.kept(i)
+    if cut.heads or cut.kv_heads:
+        cut_attention(adapter, i, heads, kv_heads)
+    if cut.channels:
+        cut_mlp(adapter, i, channels)
 
 
 def _with_layer(scores: Scores, i: int, fresh: dict) -> Scores:

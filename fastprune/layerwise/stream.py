@@ -211,27 +211,32 @@ class StreamResult:
 
 
 def prune_streaming(
-    source: str | Path,
+    source: str | Path | None,
     config: PruningConfig,
     out: str | Path,
     calibration="pydoc:calibration",
     plan: Plan | None = None,
     overwrite: bool = False,
 ) -> StreamResult:
-    """Prune the safetensors model directory ``source`` into ``out`` one layer at a time (see the module docstring).
+    """Prune a model (a safetensors model directory, or a bundled name or .gguf file, converted once to one) into
+    ``out`` one layer at a time (see the module docstring).
 
     Criteria must be layer-local (fastprune.layerwise.LAYER_LOCAL_CRITERIA); parameter and memory targets, ratios,
     global ranking, layer removal, sequential calibration and a given ``plan`` work as in memory.
     """
     from transformers import AutoTokenizer
 
+    from fastprune.models import resolve_source
     from fastprune.pipeline import calibration_windows, fit_to_calibration, provenance
 
     t0 = time.perf_counter()
-    source, out = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not source.is_dir():
-        raise ModelNotFoundError(f"streaming needs a model directory with safetensors files; {source} is not one")
-    check_output_dir(out, [source], overwrite)
+    if current().is_main:  # a GGUF source is converted once, by one process
+        found = resolve_source(None if source is None else str(source))
+    barrier()
+    if not current().is_main:
+        found = resolve_source(None if source is None else str(source))
+    source, out = found.directory.resolve(), Path(out).expanduser().resolve()
+    check_output_dir(out, list(found.inputs), overwrite)
     if config.target_latency_ms is not None:
         raise ConfigError("a latency target is checked by timing the pruned model in memory; it cannot be streamed")
     model = skeleton(source)
@@ -286,7 +291,8 @@ def prune_streaming(
     if current().is_main:
         from fastprune.pipeline import PruneResult
 
-        info = provenance(PruneResult(None, applied, scores, None, windows.describe(), seconds), config, str(source))
+        result = PruneResult(None, applied, scores, None, windows.describe(), seconds)
+        info = provenance(result, config, found.name)
         info["stream"] = {"processes": current().world, "peak_rss_bytes": peak, "layers": timings.rows}
         _write_outputs(partial, work, holder, tokenizer, applied, scores, info)
         publish_dir(partial, out, overwrite)
