@@ -478,6 +478,7 @@ def _cmd_recover(args) -> None:
 
     from fastprune.adapters import adapter_for
     from fastprune.data import read_text, token_windows
+    from fastprune.distributed import current
     from fastprune.evaluation import evaluate
     from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, read_info, save_model
     from fastprune.models import load_source
@@ -501,19 +502,22 @@ def _cmd_recover(args) -> None:
         "recovery",
         encoder,
     )
-    before = None if args.no_eval else copy.deepcopy(student.model)
+    ranks = current()  # under torchrun recovery is sharded (FSDP2); rank 0 gets the model, evaluates and writes
+    before = None if args.no_eval or not ranks.is_main else copy.deepcopy(student.model)
     result = recover(
         student.model, teacher.model if teacher else None, windows, config, args.checkpoint_dir, args.resume
     )
+    if not ranks.is_main:
+        return
     extra = {INFO_FILE: json.dumps({**info, "recovery": result.to_dict()}, indent=1) + "\n"}
     if (Path(args.model) / PLAN_FILE).is_file():
         extra[PLAN_FILE] = (Path(args.model) / PLAN_FILE).read_text()
     report = None
     if before is not None:
         models = {"pruned": before, f"recovered ({config.mode})": result.model}
-        report = evaluate(
-            {"dense": teacher.model, **models} if teacher else models, student.tokenizer, _eval_config(args)
-        )
+        if teacher and not ranks.distributed:  # (a sharded teacher runs only with every process)
+            models = {"dense": teacher.model, **models}
+        report = evaluate(models, student.tokenizer, _eval_config(args))
         extra.update(report.files())
     save_model(result.model, student.tokenizer, args.out, extra, args.overwrite)
     print(f"recovery {result.stop_reason} after {result.steps} steps; best held-out loss {result.best_val_loss:.4f}")

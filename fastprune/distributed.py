@@ -38,8 +38,8 @@ class Ranks:
 
 
 def launched() -> bool:
-    """True when a launcher (torchrun) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when a launcher (torchrun) started this process (as one of one or several)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def init_from_env() -> Ranks:
