@@ -188,8 +188,8 @@ def main() -> None:
         shutil.rmtree(src, ignore_errors=True)
         t0 = time.perf_counter()
         write_model(src, s)
-        print(f"wrote a random {args.shape} Llama ({total_params(s) / 1e9:.2f}B parameters) in "
-              f"{time.perf_counter() - t0:.0f} s to {src}")  # fmt: skip
+        seconds = time.perf_counter() - t0
+        print(f"wrote a random {args.shape} Llama ({total_params(s) / 1e9:.2f}B params) to {src} in {seconds:.0f} s")
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()
     command = [sys.executable, "-m", "fastprune", "prune", "--model", str(src), "--stream"]
@@ -234,8 +234,7 @@ def main() -> None:
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "torch": torch.__version__,
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip(),  # fmt: skip
+            "commit": git_commit(),
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -244,6 +243,11 @@ def main() -> None:
     print(to_markdown(result))
     if not args.keep:
         shutil.rmtree(args.work)
+
+
+def git_commit() -> str:
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    return subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def gib(n: float) -> str:
@@ -259,11 +263,12 @@ def to_markdown(r: dict) -> str:
     b, m = r["bound_bytes"], r["machine"]
     ok = "below" if r["peak_rss_bytes"] < b["total"] else "ABOVE"
     cal = r["calibration"]
+    refit = "on" if r["refit"] else "skipped (too few tokens)"
     lines = [
         f"# Rehearsal: stream-pruning a random {r['shape']} Llama ({r['params'] / 1e9:.2f}B parameters, bf16)",
         "",
         f"{r['criterion']}, {r['removed_fraction']:.1%} of non-embedding parameters removed, calibration "
-        f"{cal['windows']} windows x {cal['seq_len']} tokens, refit {'on' if r['refit'] else 'skipped (too few tokens)'};"
+        f"{cal['windows']} windows x {cal['seq_len']} tokens, refit {refit};"
         f" {m['cpus']} CPUs, load average {m['load_average_before'][0]:.1f} before / {m['load_average_after'][0]:.1f}"
         f" after, torch {m['torch']}, commit {m['commit']}.",
         "",
