@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo-smollm2
 # The CPU build of torch, installed from the local file; an unpinned torch would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all bench compare lint format clean
+.PHONY: demo test test-all bench compare rehearsal lint format clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(PIP) install --quiet "torch-pruning==1.6.1" "$(TORCH_SPEC)"
 	$(PY) benchmarks/compare_peers.py
+
+# Stream-prune a random Llama-3.2-3B-shaped model (6 GB of bf16 shards in /tmp, about an hour on 2 cores): peak memory,
+# time per layer, projections for 8B and 70B; writes benchmarks/results/rehearsal-3b.{md,json}.
+rehearsal: $(STAMP)
+	$(PY) benchmarks/rehearsal.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastprune kernels tests benchmarks

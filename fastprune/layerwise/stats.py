@@ -112,7 +112,7 @@ def collect(
     """Run layer i on every call, summing what ``needs`` asks for (all-reduced over processes); return the sums
     and the layer's outputs."""
     layer, att, mlp = adapter.layers[i], adapter.attention(i), adapter.mlp(i)
-    f64 = {"dtype": torch.float64}
+    f64 = {"dtype": torch.float64, "device": att.o.weight.device}  # sums live where the layer runs
     stats = LayerStats(torch.zeros(1, **f64))
     if needs.head_grams:
         stats.head_gram = torch.zeros(att.o.in_features, att.o.in_features, **f64)
@@ -127,7 +127,8 @@ def collect(
     if needs.gradients:
         stats.slices = list(unit_slices(adapter, [i]))
         stats.grad_sums = [
-            torch.zeros(2, s.param.shape[s.dim] // s.group_size, dtype=torch.float32) for s in stats.slices
+            torch.zeros(2, s.param.shape[s.dim] // s.group_size, dtype=torch.float32, device=f64["device"])
+            for s in stats.slices
         ]
 
     def on_heads(_module, args):
@@ -194,7 +195,11 @@ def _gradient_pass(layer: torch.nn.Module, call: LayerCall, stats: LayerStats, i
 
 def layer_scores(criterion: str, adapter: Adapter, i: int, stats: LayerStats, damping: float) -> dict:
     """Layer i's scores by a layer-local criterion: {kind: tensor} for heads / kv_heads / channels, and a float
-    tensor under "layers" for criteria that score whole layers."""
+    tensor under "layers" for criteria that score whole layers (on the CPU, where planning happens)."""
+    return {kind: t.cpu() for kind, t in _layer_scores(criterion, adapter, i, stats, damping).items()}
+
+
+def _layer_scores(criterion: str, adapter: Adapter, i: int, stats: LayerStats, damping: float) -> dict:
     d = adapter.head_dim
     att, mlp = adapter.attention(i), adapter.mlp(i)
     tokens = float(stats.tokens)
@@ -202,7 +207,7 @@ def layer_scores(criterion: str, adapter: Adapter, i: int, stats: LayerStats, da
         p = int(criterion[-1])
         tables = _zero_units(adapter, i, ("heads", "kv_heads", "channels"))
         for s in unit_slices(adapter, [i]):
-            tables[s.kind] += group_power_sum(s.param, s.dim, s.group_size, p)
+            tables[s.kind] += group_power_sum(s.param, s.dim, s.group_size, p).cpu()
         return {kind: t.pow(1.0 / p) for kind, t in tables.items()}
     if criterion == "activation":
         return {
@@ -221,16 +226,16 @@ def layer_scores(criterion: str, adapter: Adapter, i: int, stats: LayerStats, da
         return {"layers": 1.0 - s[0] / s[1]}
     if criterion == "obs":
         kv = adapter.shape().layers[i].kv_heads
-        return {
-            "heads": obs_group_scores(att.o.weight, stats.head_gram, d, 1, damping),
+        return {  # (the greedy removal runs on the CPU)
+            "heads": obs_group_scores(att.o.weight.cpu(), stats.head_gram.cpu(), d, 1, damping),
             "kv_heads": torch.zeros(kv, dtype=torch.float64),
-            "channels": obs_group_scores(mlp.output.weight, stats.channel_gram, 1, CHANNEL_BLOCK, damping),
+            "channels": obs_group_scores(mlp.output.weight.cpu(), stats.channel_gram.cpu(), 1, CHANNEL_BLOCK, damping),
         }
     if criterion in ("taylor_local", "fisher_local"):
         row = 0 if criterion == "taylor_local" else 1
         tables = _zero_units(adapter, i, ("heads", "kv_heads", "channels"))
         for s, acc in zip(stats.slices, stats.grad_sums, strict=True):
-            tables[s.kind] += acc[row].double()
+            tables[s.kind] += acc[row].double().cpu()
         return {**tables, "layers": sum(t.sum() for t in tables.values())}
     raise ValueError(f"{criterion!r} is not a layer-local criterion")
 

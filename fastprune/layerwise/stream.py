@@ -29,7 +29,7 @@ import torch
 from fastprune.adapters import adapter_for
 from fastprune.budget import memory_budget
 from fastprune.config import PruningConfig
-from fastprune.distributed import agree, barrier, current, shard
+from fastprune.distributed import agree, barrier, current, device, shard
 from fastprune.errors import CheckpointError, ConfigError, ModelNotFoundError
 from fastprune.io import INFO_FILE, PLAN_FILE, atomic_write_text, check_output_dir, has_per_layer_widths, publish_dir
 from fastprune.layerwise.calls import capture_calls
@@ -56,6 +56,11 @@ class StreamHolder:
         self.container = self.prefixes[0].rsplit(".", 1)[0]
         self.embedding = names[id(model.get_input_embeddings())] + ".weight"
         self.compute_dtype = torch.float32
+        self.device = device()  # this process's GPU under NCCL, else the CPU
+        for module in model.modules():  # buffers (rotary frequencies) are real: move them where layers run
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta:
+                    module._buffers[name] = buffer.to(self.device)
 
     def layer_names(self, i: int) -> dict[str, str]:
         """Layer i's state-dict keys -> checkpoint names."""
@@ -63,14 +68,15 @@ class StreamHolder:
 
     def calls(self, batches, indices):
         def embed(ids: torch.Tensor) -> torch.Tensor:
-            return self.checkpoint.rows(self.embedding, ids, self.compute_dtype)
+            return self.checkpoint.rows(self.embedding, ids, self.compute_dtype).to(self.device)
 
         return capture_calls(self.adapter, batches, indices, embed)
 
     def load(self, i: int) -> None:
         names = self.layer_names(i)
         tensors = self.checkpoint.load(list(names.values()), self.compute_dtype)
-        self.adapter.layers[i].load_state_dict({k: tensors[n] for k, n in names.items()}, assign=True)
+        state = {k: tensors[n].to(self.device) for k, n in names.items()}
+        self.adapter.layers[i].load_state_dict(state, assign=True)
 
     def unload(self, i: int) -> None:
         self.adapter.layers[i].to("meta")
@@ -80,7 +86,7 @@ class StreamHolder:
         if self.out is not None and current().is_main:
             stored = {k: self.checkpoint.entries[n].dtype for k, n in self.layer_names(i).items()}
             tensors = {
-                f"{self.container}.{new_index}.{k}": t.detach().to(stored[k])
+                f"{self.container}.{new_index}.{k}": t.detach().to("cpu", stored[k])
                 for k, t in self.adapter.layers[i].state_dict().items()
             }
             write_shard(self.out / f"model-layer-{new_index:05d}.safetensors", tensors)
