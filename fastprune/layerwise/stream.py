@@ -15,6 +15,7 @@ are all-reduced, every process checks that it made the same plan, and rank 0 wri
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -73,6 +74,7 @@ class StreamHolder:
         return capture_calls(self.adapter, batches, indices, embed)
 
     def load(self, i: int) -> None:
+        _trim_heap()  # what the previous layer freed goes back to the system before this one is read
         names = self.layer_names(i)
         tensors = self.checkpoint.load(list(names.values()), self.compute_dtype)
         state = {k: tensors[n].to(self.device) for k, n in names.items()}
@@ -106,6 +108,24 @@ class StreamHolder:
         groups += [[n] for n in rest if n not in small]
         for k, group in enumerate(groups):
             write_shard(self.out / f"model-rest-{k:02d}.safetensors", self.checkpoint.load(group))
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (glibc keeps it otherwise: a few hundred MB per large layer)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def skeleton(directory: Path) -> torch.nn.Module:

@@ -15,7 +15,8 @@ from fastprune.scoring.scores import Scores
 
 def column_scores(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
     """Per input column j of ``weight``: sum_i |W_ij| * sqrt(sumsq_j)."""
-    return weight.detach().double().abs().sum(0) * sumsq.sqrt()
+    # Summed in float64 without a float64 copy of the weight (hundreds of MB for a large model's MLP).
+    return weight.detach().abs().sum(0, dtype=torch.float64) * sumsq.sqrt()
 
 
 def wanda_scores(adapter: Adapter, stats: InputStats) -> Scores:
