@@ -156,19 +156,21 @@ def phase_means(layers: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def project(measured: dict, means: dict[str, dict[str, float]], target: dict) -> float:
-    """Seconds for ``target``'s layers: loading, running and writing a layer scale with its parameters; scoring
-    and refitting (obs greedy removal, least-squares solves) with the MLP width cubed plus hidden x width^2."""
+def project(measured: dict, means: dict[str, dict[str, float]], target: dict, criterion: str) -> float:
+    """Seconds for ``target``'s layers with the same calibration tokens: loading, running and writing a layer
+    scale with its parameters, and so does scoring by sums over activations; obs's greedy removal and the refit's
+    least-squares solves scale with the MLP width cubed plus hidden x width^2."""
     size = layer_params(target) / layer_params(measured)
 
     def cubic(s):
         return s["channels"] ** 3 + s["hidden"] * s["channels"] ** 2
 
     solve = cubic(target) / cubic(measured)
+    cubic_phases = ("score", "refit") if criterion == "obs" else ("refit",)
     per_layer = 0.0
     for phases in means.values():
         for phase, seconds in phases.items():
-            per_layer += seconds * (solve if phase in ("score", "refit") else size)
+            per_layer += seconds * (solve if phase in cubic_phases else size)
     return per_layer * target["layers"]
 
 
@@ -227,7 +229,7 @@ def main() -> None:
         "seconds": {"total": seconds, **info["seconds"]},
         "seconds_per_layer": per_layer,
         "phase_seconds_per_layer": means,
-        "projected_seconds": {n: project(s, means, SHAPES[n]) for n in ("8b", "70b")},
+        "projected_seconds": {n: project(s, means, SHAPES[n], args.criterion) for n in ("8b", "70b")},
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
