@@ -56,7 +56,7 @@ CONFIGS = {
     "obs-sequential": dict(target_params=0.3, sequential=True),
     "wanda-ratios-global": dict(criterion="wanda", head_ratio=1 / 3, channel_ratio=0.25, ranking="global"),
     "taylor_local-layers": dict(
-        criterion="taylor_local", channel_ratio=0.25, layer_ratio=0.25, layer_criterion="block_influence"
+        criterion="taylor_local", channel_ratio=0.25, layer_ratio=0.25, layer_criterion="block_influence", seed=5
     ),
     "activation-sequential-kv": dict(criterion="activation", head_ratio=0.5, gqa="kv_groups", sequential=True),
     "magnitude-no-refit": dict(criterion="magnitude_l2", channel_ratio=0.5, reconstruct=False),
@@ -96,6 +96,15 @@ def test_per_layer_widths_stream_to_a_model_fastprune_and_remote_code_load(sourc
     widths = json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size_per_layer"]
     assert len(set(widths)) > 1
     assert_same_model(in_memory(source, config), tmp_path / "out")
+
+
+def test_a_given_plan_streams_without_scoring(source, tmp_path):
+    config = PruningConfig(calibration=CAL, sequential=True)
+    plan = in_memory(source, PruningConfig(calibration=CAL, target_params=0.3)).plan
+    streamed = prune_streaming(source, config, tmp_path / "out", TEXT, plan=plan)
+    assert streamed.scores is None and not (tmp_path / "out" / "scores.json").exists()
+    expected = fastprune.prune(fastprune.load(source), config, TEXT, tokenizer=byte_tokenizer(), plan=plan)
+    assert_same_model(expected, tmp_path / "out")
 
 
 @pytest.mark.parametrize(("phase", "at"), [("score", 2), ("cut", 1), ("cut", 3)])
@@ -243,6 +252,12 @@ def test_checkpoint_reader_errors_name_the_problem(tmp_path):
     assert torch.equal(ckpt.load(["a"])["a"], torch.arange(6.0).view(2, 3))
     ids = torch.tensor([[1, 1], [0, 1]])
     assert torch.equal(ckpt.rows("a", ids), torch.arange(6.0).view(2, 3)[ids])
+    written = {"x": torch.randn(3, 5).to(torch.bfloat16), "n": torch.arange(7), "e": torch.zeros(0, 4)}
+    stream.write_shard(tmp_path / "w.safetensors", written)
+    stream.copy_tensors(tmp_path / "c.safetensors", ckpt, ["a"])
+    for file, expected in (("w", written), ("c", {"a": torch.arange(6.0).view(2, 3)})):
+        back = load_file(tmp_path / f"{file}.safetensors")
+        assert back.keys() == expected.keys() and all(torch.equal(back[k], t) for k, t in expected.items())
     with open(tmp_path / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(tmp_path / "model.safetensors") - 4)
     with pytest.raises(CheckpointError, match="outside the file"):

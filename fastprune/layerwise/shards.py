@@ -81,11 +81,6 @@ class SafetensorsCheckpoint:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def nbytes(self, names=None) -> int:
-        """Bytes of the given tensors (all by default) on disk."""
-        names = self.entries if names is None else names
-        return sum(self.entries[n].end - self.entries[n].start for n in names)
-
     def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Copies of the named tensors (converted to ``dtype`` if given), read through short-lived memory maps."""
         out = {}
@@ -148,11 +143,47 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors file atomically (a temporary name, then renamed)."""
-    from safetensors.torch import save_file
+    """Write CPU tensors as one safetensors file, atomically (a temporary name, then renamed), one tensor at a
+    time (no copy of the whole file's bytes in memory)."""
+    _write(path, {n: (t.dtype, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()},
+           lambda name, f: f.write(tensors[name].contiguous().view(-1).view(torch.uint8).numpy()))  # fmt: skip
 
+
+def copy_tensors(path: Path, checkpoint: SafetensorsCheckpoint, names: list[str]) -> None:
+    """Write the named tensors of ``checkpoint`` unchanged as one safetensors file, copying their bytes from file
+    to file in chunks (so even an embedding matrix is never held in memory)."""
+
+    def copy(name: str, f) -> None:
+        e = checkpoint.entries[name]
+        with open(e.file, "rb") as src:
+            src.seek(e.start)
+            left = e.end - e.start
+            while left:
+                chunk = src.read(min(left, COPY_CHUNK))
+                f.write(chunk)
+                left -= len(chunk)
+
+    _write(path, {n: (e.dtype, e.shape, e.end - e.start) for n in names for e in [checkpoint.entries[n]]}, copy)
+
+
+#: Bytes copied at a time by ``copy_tensors``.
+COPY_CHUNK = 64 * 2**20
+
+
+def _write(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]], write_data) -> None:
+    names = {torch_dtype: name for name, torch_dtype in DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (dtype, shape, nbytes) in layout.items():
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name in layout:
+            write_data(name, f)
     tmp.replace(path)
 
 

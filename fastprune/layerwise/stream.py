@@ -35,15 +35,13 @@ from fastprune.errors import CheckpointError, ConfigError, ModelNotFoundError
 from fastprune.io import INFO_FILE, PLAN_FILE, atomic_write_text, check_output_dir, has_per_layer_widths, publish_dir
 from fastprune.layerwise.calls import capture_calls
 from fastprune.layerwise.driver import Progress, Timings, cut_layers, score_layers, scoring_criteria
-from fastprune.layerwise.shards import SafetensorsCheckpoint, write_index, write_shard
+from fastprune.layerwise.shards import SafetensorsCheckpoint, copy_tensors, write_index, write_shard
 from fastprune.planning import Plan, check_feasible, make_plan
 from fastprune.scoring.scores import Scores
 
 logger = logging.getLogger("fastprune")
 
 SCORES_FILE = "scores.json"
-#: Tensors outside the layers larger than this get a file of their own (so writing one never holds several).
-OWN_FILE_BYTES = 256 * 2**20
 
 
 class StreamHolder:
@@ -103,11 +101,7 @@ class StreamHolder:
             return
         inside = tuple(p + "." for p in self.prefixes)
         rest = [n for n in self.checkpoint.names() if not n.startswith(inside) and n in self.model.state_dict()]
-        small = [n for n in rest if self.checkpoint.nbytes([n]) < OWN_FILE_BYTES]
-        groups = [small] if small else []
-        groups += [[n] for n in rest if n not in small]
-        for k, group in enumerate(groups):
-            write_shard(self.out / f"model-rest-{k:02d}.safetensors", self.checkpoint.load(group))
+        copy_tensors(self.out / "model-rest.safetensors", self.checkpoint, rest)
 
 
 def _trim_heap() -> None:

@@ -55,7 +55,8 @@ def score(
     elif criterion in ("taylor_local", "fisher_local"):
         from fastprune.layerwise import score_layerwise
 
-        return score_layerwise(adapter, batches, criterion, damping)
+        # The probes are seeded like everything else in a run (fastprune.prune seeds torch with config.seed).
+        return score_layerwise(adapter, batches, criterion, damping, seed=torch.initial_seed())
     else:
         scores = _run_criterion(adapter, batches, criterion)
     scores.info["param_costs"] = dataclasses.asdict(adapter.param_costs())
