@@ -91,7 +91,7 @@ class SafetensorsCheckpoint:
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
                 for n in group:
                     e = self.entries[n]
-                    view = torch.frombuffer(mapped, dtype=e.dtype, count=_numel(e.shape), offset=e.start)
+                    view = torch.frombuffer(mapped, dtype=e.dtype, count=numel(e.shape), offset=e.start)
                     view = view.view(e.shape)
                     # A copy (or conversion), so that nothing refers to the map once it is closed.
                     out[n] = view.to(dtype) if dtype is not None and dtype != e.dtype else view.clone()
@@ -102,13 +102,14 @@ class SafetensorsCheckpoint:
         """Rows ``index`` of a 2-D tensor (an embedding lookup) without reading the others."""
         e = self.entries[name]
         with open(e.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            view = torch.frombuffer(mapped, dtype=e.dtype, count=_numel(e.shape), offset=e.start).view(e.shape)
+            view = torch.frombuffer(mapped, dtype=e.dtype, count=numel(e.shape), offset=e.start).view(e.shape)
             picked = view[index]
             del view
         return picked.to(dtype) if dtype is not None else picked
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
+    """Elements of a tensor of this shape."""
     n = 1
     for s in shape:
         n *= s
@@ -136,7 +137,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{path.name}: tensor {name} has dtype {info.get('dtype')}, which is not supported")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if base + end > size or end - begin != _numel(shape) * dtype.itemsize:
+        if base + end > size or end - begin != numel(shape) * dtype.itemsize:
             raise CheckpointError(f"{path.name}: tensor {name} lies outside the file or has the wrong size")
         entries[name] = TensorEntry(path, dtype, shape, base + begin, base + end)
     return entries

@@ -35,7 +35,7 @@ from fastprune.errors import CheckpointError, ConfigError, ModelNotFoundError
 from fastprune.io import INFO_FILE, PLAN_FILE, atomic_write_text, check_output_dir, has_per_layer_widths, publish_dir
 from fastprune.layerwise.calls import capture_calls
 from fastprune.layerwise.driver import Progress, Timings, cut_layers, score_layers, scoring_criteria
-from fastprune.layerwise.shards import SafetensorsCheckpoint, copy_tensors, write_index, write_shard
+from fastprune.layerwise.shards import SafetensorsCheckpoint, copy_tensors, numel, write_index, write_shard
 from fastprune.planning import Plan, check_feasible, make_plan
 from fastprune.scoring.scores import Scores
 
@@ -176,13 +176,11 @@ def check_checkpoint(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint) 
 
 
 def memory_needed(directory: Path) -> int:
-    """Bytes a prune held in memory takes: the float32 model, its pruned copy, and a quarter more for the rest."""
+    """Bytes a prune held in memory takes: the model in float32 (as fastprune loads it), the pruned copy, and half
+    as much again for activations, statistics and the interpreter."""
     checkpoint = SafetensorsCheckpoint(directory)
-    params = sum(e.end - e.start for e in checkpoint.entries.values()) // 2  # 16-bit on disk is the usual case
-    fp32 = sum(
-        (e.end - e.start) // e.dtype.itemsize * 4 for e in checkpoint.entries.values() if e.dtype.is_floating_point
-    )
-    return max(params, int(2.5 * fp32))
+    fp32 = sum(numel(e.shape) * 4 for e in checkpoint.entries.values() if e.dtype.is_floating_point)
+    return int(2.5 * fp32)
 
 
 def memory_available() -> int:
