@@ -126,13 +126,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def run_child(command: list[str]) -> tuple[subprocess.CompletedProcess, int, float]:
-    """Run a command niced; return it, the largest peak resident memory of the children so far (bytes: for the
-    first child, its own) and its wall time."""
+def run_child(command: list[str], watch: Path | None = None) -> tuple[subprocess.CompletedProcess, dict, float]:
+    """Run a command niced; return it, its peak resident memory (bytes, with where the stream stood then, read
+    from the progress file in ``watch``) and its wall time."""
     t0 = time.perf_counter()
-    done = subprocess.run(["nice", "-n", "5", *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    return done, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, seconds
+    child = subprocess.Popen(["nice", "-n", "5", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"bytes": 0, "at": None}
+    status = Path(f"/proc/{child.pid}/status")
+    while child.poll() is None:
+        try:
+            rss = int(status.read_text().split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError):
+            rss = 0
+        if rss > peak["bytes"]:
+            progress = watch / "progress.json" if watch is not None else None
+            at = progress.read_text().strip() if progress is not None and progress.is_file() else "start or end"
+            peak = {"bytes": rss, "at": at, "seconds": round(time.perf_counter() - t0, 1)}
+        time.sleep(0.2)
+    stdout, stderr = child.communicate()
+    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+    # The kernel's own high-water mark of the child (the polling above may miss a short peak).
+    peak["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return done, peak, time.perf_counter() - t0
 
 
 RELOAD = """
@@ -197,7 +212,8 @@ def main() -> None:
     command = [sys.executable, "-m", "fastprune", "prune", "--model", str(src), "--stream"]
     command += ["--target-params", str(args.fraction), "--criterion", args.criterion]
     command += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--out", str(out)]
-    done, peak, seconds = run_child(command)  # the first child: its peak memory is the prune's
+    partial = out.parent / f".{out.name}.stream-partial" / "work"
+    done, peak, seconds = run_child(command, partial)  # the first child: its maxrss is the prune's
     if done.returncode != 0:
         sys.exit(f"the streamed prune failed:\n{done.stderr[-4000:]}")
     info = json.loads((out / "fastprune.json").read_text())
@@ -219,7 +235,8 @@ def main() -> None:
         "calibration": info["calibration"],
         "refit": info["config"]["reconstruct"],
         "removed_fraction": json.loads((out / "plan.json").read_text())["info"]["removed_fraction"],
-        "peak_rss_bytes": peak,
+        "peak_rss_bytes": peak["maxrss_bytes"],
+        "peak_rss_sampled": peak,
         "bound_bytes": {
             "largest_layer_fp32_x3": 3 * layer_fp32,
             "embeddings_bf16": embeddings,
