@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -127,27 +126,28 @@ def byte_tokenizer():
 
 
 def run_child(command: list[str], watch: Path | None = None) -> tuple[subprocess.CompletedProcess, dict, float]:
-    """Run a command niced; return it, its peak resident memory (bytes, with where the stream stood then, read
-    from the progress file in ``watch``) and its wall time."""
+    """Run a command niced; return it, its peak resident memory and where the stream stood then (read from the
+    progress file in ``watch``), and its wall time.
+
+    The peak is the child's VmHWM, polled until it exits: the high-water mark of its own memory. (ru_maxrss of a
+    child also counts the parent's memory, which the child shares from fork until exec: here the parent wrote
+    the model and may be larger than the prune.)"""
     t0 = time.perf_counter()
     child = subprocess.Popen(["nice", "-n", "5", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"bytes": 0, "at": None}
     status = Path(f"/proc/{child.pid}/status")
     while child.poll() is None:
         try:
-            rss = int(status.read_text().split("VmRSS:")[1].split()[0]) * 1024
-        except (OSError, IndexError):
-            rss = 0
-        if rss > peak["bytes"]:
+            hwm = int(status.read_text().split("VmHWM:")[1].split()[0]) * 1024
+        except (OSError, IndexError):  # exited, or not yet exec'ed
+            hwm = 0
+        if hwm > peak["bytes"]:
             progress = watch / "progress.json" if watch is not None else None
             at = progress.read_text().strip() if progress is not None and progress.is_file() else "start or end"
-            peak = {"bytes": rss, "at": at, "seconds": round(time.perf_counter() - t0, 1)}
-        time.sleep(0.2)
+            peak = {"bytes": hwm, "at": at, "seconds": round(time.perf_counter() - t0, 1)}
+        time.sleep(0.1)
     stdout, stderr = child.communicate()
-    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
-    # The kernel's own high-water mark of the child (the polling above may miss a short peak).
-    peak["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return done, peak, time.perf_counter() - t0
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr), peak, time.perf_counter() - t0
 
 
 RELOAD = """
@@ -213,7 +213,7 @@ def main() -> None:
     command += ["--target-params", str(args.fraction), "--criterion", args.criterion]
     command += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--out", str(out)]
     partial = out.parent / f".{out.name}.stream-partial" / "work"
-    done, peak, seconds = run_child(command, partial)  # the first child: its maxrss is the prune's
+    done, peak, seconds = run_child(command, partial)
     if done.returncode != 0:
         sys.exit(f"the streamed prune failed:\n{done.stderr[-4000:]}")
     info = json.loads((out / "fastprune.json").read_text())
@@ -235,8 +235,9 @@ def main() -> None:
         "calibration": info["calibration"],
         "refit": info["config"]["reconstruct"],
         "removed_fraction": json.loads((out / "plan.json").read_text())["info"]["removed_fraction"],
-        "peak_rss_bytes": peak["maxrss_bytes"],
-        "peak_rss_sampled": peak,
+        # The child's VmHWM as last polled, or as the prune recorded it after its last layer, if higher.
+        "peak_rss_bytes": max(peak["bytes"], info["stream"]["peak_rss_bytes"]),
+        "peak_rss_at": peak["at"],
         "bound_bytes": {
             "largest_layer_fp32_x3": 3 * layer_fp32,
             "embeddings_bf16": embeddings,
@@ -294,6 +295,7 @@ def to_markdown(r: dict) -> str:
         "| measure | value |",
         "|---|---|",
         f"| peak resident memory of the prune | {gib(r['peak_rss_bytes'])} ({ok} the bound) |",
+        f"| reached at | {r['peak_rss_at']} |",
         f"| bound: 3 x largest layer (float32, as held) | {gib(b['largest_layer_fp32_x3'])} |",
         f"| + embeddings (bf16) | {gib(b['embeddings_bf16'])} |",
         f"| + calibration activations (a layer's input and output, float32) | {gib(b['activations_fp32'])} |",

@@ -385,5 +385,9 @@ def _write_outputs(partial: Path, work: Path, holder: StreamHolder, tokenizer, p
 
 
 def _peak_rss() -> int:
-    """This process's peak resident memory so far, in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far, in bytes: the high-water mark of its own memory map (Linux
+    VmHWM; ru_maxrss would also count the memory of the process that started this one, inherited until exec)."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
