@@ -209,7 +209,9 @@ def main() -> None:
         print(f"wrote a random {args.shape} Llama ({total_params(s) / 1e9:.2f}B params) to {src} in {seconds:.0f} s")
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()
-    command = [sys.executable, "-m", "fastprune", "prune", "--model", str(src), "--stream"]
+    # GNU time (when installed) reports the prune's maxrss independently of the polling below.
+    timer = ["/usr/bin/time", "-f", "maxrss_kb %M"] if Path("/usr/bin/time").is_file() else []
+    command = [*timer, sys.executable, "-m", "fastprune", "prune", "--model", str(src), "--stream"]
     command += ["--target-params", str(args.fraction), "--criterion", args.criterion]
     command += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--out", str(out)]
     partial = out.parent / f".{out.name}.stream-partial" / "work"
@@ -217,6 +219,9 @@ def main() -> None:
     if done.returncode != 0:
         sys.exit(f"the streamed prune failed:\n{done.stderr[-4000:]}")
     info = json.loads((out / "fastprune.json").read_text())
+    timed = [line for line in done.stderr.splitlines() if line.startswith("maxrss_kb ")]
+    if timed:
+        peak["gnu_time_maxrss_bytes"] = int(timed[-1].split()[1]) * 1024
     reload, _, _ = run_child([sys.executable, "-c", RELOAD, str(out)])
     reloaded = int(reload.stdout.split()[-1]) if reload.returncode == 0 else None
 
@@ -238,6 +243,7 @@ def main() -> None:
         # The child's VmHWM as last polled, or as the prune recorded it after its last layer, if higher.
         "peak_rss_bytes": max(peak["bytes"], info["stream"]["peak_rss_bytes"]),
         "peak_rss_at": peak["at"],
+        "peak_rss_gnu_time_bytes": peak.get("gnu_time_maxrss_bytes"),
         "bound_bytes": {
             "largest_layer_fp32_x3": 3 * layer_fp32,
             "embeddings_bf16": embeddings,
@@ -296,6 +302,7 @@ def to_markdown(r: dict) -> str:
         "|---|---|",
         f"| peak resident memory of the prune | {gib(r['peak_rss_bytes'])} ({ok} the bound) |",
         f"| reached at | {r['peak_rss_at']} |",
+        f"| the same by GNU time (maxrss) | {gib(r['peak_rss_gnu_time_bytes'] or 0)} |",
         f"| bound: 3 x largest layer (float32, as held) | {gib(b['largest_layer_fp32_x3'])} |",
         f"| + embeddings (bf16) | {gib(b['embeddings_bf16'])} |",
         f"| + calibration activations (a layer's input and output, float32) | {gib(b['activations_fp32'])} |",
