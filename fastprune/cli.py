@@ -403,6 +403,7 @@ def _cmd_prune(args) -> None:
         result.report.info.update({"plan_counts": result.plan.counts(), "seconds": result.seconds})
     out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), config, loaded.name, args.overwrite)
     _print_summary(result.plan)
+    print("seconds: " + ", ".join(f"{phase} {s:.1f}" for phase, s in result.seconds.items()))
     for row in result.steps:
         print(
             f"step {row['step']}: {row['non_embedding_params'] / 1e6:.1f}M non-embedding parameters, "
