@@ -63,7 +63,9 @@ class CnnPruningConfig:
             if self.filter_ratio:
                 raise ConfigError(f"give either {targets[0]} or filter_ratio, not both")
         if len(self.input_size) < 2 or not all(isinstance(n, int) and n > 0 for n in self.input_size):
-            raise ConfigError(f"input_size must be channels and spatial sizes, e.g. (3, 224, 224); got {self.input_size}")
+            raise ConfigError(
+                f"input_size must be channels and spatial sizes, e.g. (3, 224, 224); got {self.input_size}"
+            )
         for name in ("latency_batch", "round_to", "samples", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)!r}")

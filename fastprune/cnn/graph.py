@@ -447,8 +447,10 @@ class _Analysis:
             return self.ones(node, args[0])
         if (is_method and target in SHAPE_METHODS) or (not is_method and target is getattr):
             return
-        if target is operator.getitem and isinstance(args[1], tuple) and all(
-            i is None or i is Ellipsis or i == slice(None) for i in args[1]
+        if (
+            target is operator.getitem
+            and isinstance(args[1], tuple)
+            and all(i is None or i is Ellipsis or i == slice(None) for i in args[1])
         ):
             return self.ones(node, args[0])
         if not is_method and target is operator.getitem and not isinstance(args[0], torch.fx.Node):
@@ -628,8 +630,9 @@ def _finish(a: _Analysis, input_shape: tuple[int, ...]) -> ChannelGraph:
     for root, u in unit_of.items():
         frozen[u] = uf.frozen[root]
     groups = _groups(sites, len(unit_of))
-    return ChannelGraph(len(unit_of), frozen, sites, list(a.layers.values()), a.norms, groups, a.unknown, tensors,
-                        input_shape, a.gm)
+    return ChannelGraph(
+        len(unit_of), frozen, sites, list(a.layers.values()), a.norms, groups, a.unknown, tensors, input_shape, a.gm
+    )
 
 
 def _groups(sites: list[Site], n: int) -> list[Group]:

@@ -45,7 +45,9 @@ class CnnPlan:
             if idx and not 0 <= idx[0] <= idx[-1] < size:
                 raise PlanError(f"group {name!r}: unit index out of range 0..{size - 1}")
             if len(idx) >= size:
-                raise PlanError(f"the plan removes every one of the {size} filters of group {name!r}; keep at least one")
+                raise PlanError(
+                    f"the plan removes every one of the {size} filters of group {name!r}; keep at least one"
+                )
 
     def counts(self) -> dict[str, int]:
         return {"groups_cut": len(self.removed), "units_removed": sum(len(v) for v in self.removed.values())}
@@ -60,8 +62,10 @@ class CnnPlan:
         for name, idx in self.removed.items():
             frozen = [i for i in idx if graph.frozen[by_name[name].units[i]]]
             if frozen:
-                raise PlanError(f"group {name!r}: units {frozen[:5]} cannot be removed (an operation reads them that "
-                                f"fastprune does not understand, or they are the model's inputs or outputs)")
+                raise PlanError(
+                    f"group {name!r}: units {frozen[:5]} cannot be removed (an operation reads them that "
+                    f"fastprune does not understand, or they are the model's inputs or outputs)"
+                )
 
     def keep_mask(self, graph: ChannelGraph) -> torch.Tensor:
         """True for every unit of ``graph`` the plan keeps."""
@@ -74,8 +78,12 @@ class CnnPlan:
         return keep
 
     def to_dict(self) -> dict:
-        return {"fastprune_cnn_plan": CNN_PLAN_FORMAT, "groups": self.groups, "removed": self.removed,
-                "info": self.info}
+        return {
+            "fastprune_cnn_plan": CNN_PLAN_FORMAT,
+            "groups": self.groups,
+            "removed": self.removed,
+            "info": self.info,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> CnnPlan:

@@ -13,7 +13,9 @@ from fastprune.cnn.graph import ChannelGraph
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: type = nn.ReLU) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act()
+    )
 
 
 class BasicBlock(nn.Module):
@@ -142,7 +144,12 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
         self.classifier = nn.Sequential(
-            nn.Linear(cin * 4, 40), nn.ReLU(True), nn.Dropout(), nn.Linear(40, 40), nn.ReLU(True), nn.Linear(40, num_classes)
+            nn.Linear(cin * 4, 40),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(40, 40),
+            nn.ReLU(True),
+            nn.Linear(40, num_classes),
         )
 
     def forward(self, x):
@@ -186,7 +193,9 @@ def random_cnn(seed: int, num_classes: int = 7) -> nn.Module:
         elif kind == "resnext":
             g = rng.choice([2, 4])
             cout = 2 * g * rng.choice([2, 3])
-            layers.append(Bottleneck(c, g * rng.choice([2, 3]), cout, rng.choice([1, 2]), groups=g, se=rng.random() < 0.5))
+            layers.append(
+                Bottleneck(c, g * rng.choice([2, 3]), cout, rng.choice([1, 2]), groups=g, se=rng.random() < 0.5)
+            )
         elif kind in ("inverted", "inverted_se"):
             layers.append(InvertedResidual(c, cout, rng.choice([1, 2]), rng.choice([1, 3]), kind == "inverted_se"))
         elif kind == "se":
