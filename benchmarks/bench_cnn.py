@@ -50,7 +50,10 @@ def torch_pruning_to_target(model, shape, fraction: float, dense_macs: int):
     def prune(ratio: float):
         m = copy.deepcopy(model)
         pruner = tp.pruner.MetaPruner(
-            m, example, importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=ratio,
+            m,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=ratio,
             ignored_layers=[dict(m.named_modules())[n] for n, x in model.named_modules() if x is classifier],
             round_to=8,
         )
@@ -127,16 +130,26 @@ def main() -> None:
         load = os.getloadavg()[0]
         ms = time_models(variants, shape, batches, args.rounds, args.device)
         for key, (macs, params, seconds) in meta.items():
-            row = {"model": name, "variant": key, "macs": macs, "params": params, "prune_seconds": seconds,
-                   "ms": {str(b): ms[key][b] for b in batches}, "load_before": load}
+            row = {
+                "model": name,
+                "variant": key,
+                "macs": macs,
+                "params": params,
+                "prune_seconds": seconds,
+                "ms": {str(b): ms[key][b] for b in batches},
+                "load_before": load,
+            }
             row["ideal_speedup"] = dense_macs / macs
             for b in batches:
                 row[f"speedup_b{b}"] = ms["dense"][b] / ms[key][b]
                 row[f"of_ideal_b{b}"] = row[f"speedup_b{b}"] / row["ideal_speedup"]
             rows.append(row)
-            print(f"{name:13s} {key:18s} MACs {macs / dense_macs:6.1%} ideal {row['ideal_speedup']:.2f}x  "
-                  f"b1 {row['speedup_b1']:.2f}x ({row['of_ideal_b1']:.0%})  b8 {row['speedup_b8']:.2f}x "
-                  f"({row['of_ideal_b8']:.0%})", flush=True)
+            print(
+                f"{name:13s} {key:18s} MACs {macs / dense_macs:6.1%} ideal {row['ideal_speedup']:.2f}x  "
+                f"b1 {row['speedup_b1']:.2f}x ({row['of_ideal_b1']:.0%})  b8 {row['speedup_b8']:.2f}x "
+                f"({row['of_ideal_b8']:.0%})",
+                flush=True,
+            )
     write(rows, args)
 
 
@@ -146,14 +159,25 @@ def write(rows: list[dict], args) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}-{os.cpu_count()}cpu"
     device = device.replace(" ", "-")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    info = {"device": device, "torch": torch.__version__, "torch_pruning": getattr(torch_pruning, "__version__", "?"),
-            "threads": torch.get_num_threads(), "commit": commit, "rounds": args.rounds,
-            "loadavg_after": os.getloadavg()}
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+        "rounds": args.rounds,
+        "loadavg_after": os.getloadavg(),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_cnn-{device}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
-    lines = [f"# CNN pruning speed ({device})", "", "".join(f"- {k}: {v}\n" for k, v in info.items()),
-             "| model | variant | MACs | params | ideal | batch 1 ms | speedup b1 (of ideal) | batch 8 ms | "
-             "speedup b8 (of ideal) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# CNN pruning speed ({device})",
+        "",
+        "".join(f"- {k}: {v}\n" for k, v in info.items()),
+        "| model | variant | MACs | params | ideal | batch 1 ms | speedup b1 (of ideal) | batch 8 ms | "
+        "speedup b8 (of ideal) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["variant"] == "dense")
         lines.append(

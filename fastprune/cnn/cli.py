@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="images per forward/backward pass (default 16)")
     g.add_argument("--criterion", choices=CNN_CRITERIA, default="l1", help="filter importance (default l1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="after cutting, re-estimate BatchNorm statistics on the calibration images (no weight is trained)",
+    )
     g = p.add_argument_group("what to remove (fractions to remove, in [0, 1); targets: from 1, counts to keep)")
     g.add_argument("--filter-ratio", type=float, default=0.0, help="fraction of the filters of every group")
     g.add_argument("--target-params", type=float, default=None, help="fraction of the parameters")
@@ -110,8 +115,11 @@ def run(argv: list[str]) -> None:
         round_to=args.round_to,
         samples=args.samples,
         batch_size=args.batch_size,
+        recalibrate_bn=args.recalibrate_bn,
         seed=args.seed,
     )
+    if args.recalibrate_bn and not args.calibration:
+        raise ConfigError("--recalibrate-bn needs --calibration images like the model's inputs")
     eval_config = None
     if not args.no_eval:
         eval_config = CnnEvalConfig(input_size, _ints(args.latency_batches, "--latency-batches"), args.rounds)
@@ -121,7 +129,7 @@ def run(argv: list[str]) -> None:
     check_output_dir(args.out, inputs, args.overwrite)  # fail before minutes of work
     model = load_cnn_source(args.model)
     calibration = None
-    needs_images = plan is None and args.criterion == "taylor" or any(c == "taylor" for c in args.compare)
+    needs_images = (plan is None and args.criterion == "taylor") or "taylor" in args.compare or args.recalibrate_bn
     if needs_images or args.calibration:
         calibration = load_images(args.calibration or "random", input_size, args.samples, args.seed)
     eval_data = load_images(args.eval_data, input_size, args.eval_samples) if args.eval_data and eval_config else None

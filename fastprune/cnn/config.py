@@ -23,7 +23,8 @@ class CnnPruningConfig:
     ``input_size`` to remove; from 1: the count to keep) or ``target_latency_ms`` (a forward pass at batch
     ``latency_batch`` on this machine). Groups touching a module that matches a ``protect`` pattern (fnmatch), the
     first ``protect_first`` and last ``protect_last`` groups are never cut; kept widths are multiples of
-    ``round_to`` units. ``samples`` calibration images in batches of ``batch_size`` feed the taylor criterion.
+    ``round_to`` units. ``samples`` calibration images in batches of ``batch_size`` feed the taylor criterion and,
+    with ``recalibrate_bn``, re-estimate the pruned model's BatchNorm statistics (fastprune.cnn.recovery).
     """
 
     criterion: str = "l1"
@@ -40,6 +41,7 @@ class CnnPruningConfig:
     round_to: int = 8
     samples: int = 64
     batch_size: int = 16
+    recalibrate_bn: bool = False
     seed: int = 0
 
     def __post_init__(self):

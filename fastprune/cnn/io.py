@@ -38,7 +38,7 @@ def is_cnn_source(source: str | None) -> bool:
 def _torchvision(spec: str) -> nn.Module:
     try:
         import torchvision
-    except ImportError as exc:
+    except Exception as exc:  # beside a torch it was not built for, the import fails with a RuntimeError
         raise ModelNotFoundError(
             f"{spec} needs torchvision (pip install 'fastprune[vision]'; see the README for a torch it imports with): "
             f"{exc}"

@@ -22,8 +22,9 @@ from fastprune.cnn.evaluation import CnnEvalConfig, CnnReport, evaluate_cnn, mea
 from fastprune.cnn.graph import ChannelGraph, analyze
 from fastprune.cnn.io import save_cnn
 from fastprune.cnn.planning import CnnPlan, CnnPlanner, make_cnn_plan
+from fastprune.cnn.recovery import recalibrate_bn
 from fastprune.cnn.surgery import apply_keep
-from fastprune.errors import PlanError
+from fastprune.errors import CalibrationError, PlanError
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir
 from fastprune.latency import _nonnegative_lstsq
 
@@ -91,6 +92,12 @@ def prune_cnn(
                 plan = make_cnn_plan(graph, scores, config, costs)
     with _timed(seconds, "surgery"):
         pruned = cut(model, graph, plan, inplace)
+    if config.recalibrate_bn:
+        if calibration is None:
+            raise CalibrationError("recalibrate_bn needs calibration images")
+        with _timed(seconds, "recalibrate_bn"):
+            recalibrate_bn(pruned, calibration, config.batch_size)
+    plan.info["recalibrated_bn"] = config.recalibrate_bn
     plan.info["not_understood"] = graph.unknown
     report = None
     if evaluation is not None:
@@ -121,6 +128,12 @@ def _plan_for_latency(model, graph, scores, config: CnnPruningConfig, costs: Cos
     if target >= dense_ms:
         raise PlanError(f"target_latency_ms={target:g} is not below the dense model's {dense_ms:.1f} ms")
     aim = (1 - LATENCY_SLACK / 2) * target
+    fastest = a + b * costs.macs(planner.keep_for(planner.counts_for(0.999, strict=False)))
+    if target < fastest:
+        raise PlanError(
+            f"target_latency_ms={target:g} cannot be met: the smallest model the protections and round_to allow is "
+            f"predicted at {fastest:.1f} ms here (dense: {dense_ms:.1f} ms)"
+        )
     check = {}
     for attempt in range(4):
         limit = (aim - a) / b if b > 0 else 0.0

@@ -269,6 +269,35 @@ def test_cli_prunes_a_saved_module_and_refuses_bad_input(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["dense", "pruned (taylor)", "pruned (l2)"]
     assert report["rows"][1]["macs"] <= 0.7 * report["rows"][0]["macs"]
+    # an unlabelled image folder calibrates taylor with the model's own predictions
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, size in enumerate([(20, 30), (16, 16), (40, 24)]):
+        pixels = torch.randint(0, 255, (*size, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(images / ("sub" if i else "") / f"{i}.png")
+    folder_out = tmp_path / "folder"
+    code, stdout, err = run_cli(
+        common
+        + [
+            "--calibration",
+            str(images),
+            "--criterion",
+            "taylor",
+            "--filter-ratio",
+            "0.5",
+            "--round-to",
+            "1",
+            "--no-eval",
+            "--out",
+            str(folder_out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    calibration = json.loads((folder_out / "fastprune.json").read_text())["calibration"]
+    assert calibration == {"source": str(images.resolve()), "images": 3, "labelled": False}
     # the saved plan applied again gives the same model
     again = tmp_path / "again"
     assert run_cli(common + ["--plan", str(out / "plan.json"), "--no-eval", "--out", str(again)], capsys)[0] == 0
@@ -289,3 +318,19 @@ def test_cli_prunes_a_saved_module_and_refuses_bad_input(tmp_path, capsys):
         code, _, err = run_cli(args + ["--out", str(target)], capsys)
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
         assert not target.exists()
+
+
+def test_recalibrate_bn_gives_the_statistics_of_the_calibration_images():
+    from fastprune.cnn.data import ImageSet
+    from fastprune.cnn.recovery import recalibrate_bn
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()), 0)
+    images = torch.randn(10, 3, 7, 7, generator=torch.Generator().manual_seed(0))
+    recalibrate_bn(model, ImageSet(images, None, "test"), batch_size=4)  # batches of 4, 4 and 2
+    with torch.no_grad():
+        y = model[0](images)
+    batches = [y[:4], y[4:8], y[8:]]
+    # a cumulative average of each batch's mean and unbiased variance
+    torch.testing.assert_close(model[1].running_mean, sum(b.mean((0, 2, 3)) for b in batches) / 3)
+    torch.testing.assert_close(model[1].running_var, sum(b.var((0, 2, 3)) for b in batches) / 3)
+    assert not model.training and model[1].momentum == 0.1
