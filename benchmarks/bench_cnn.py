@@ -40,7 +40,7 @@ def macs_and_params(model, shape) -> tuple[int, int]:
     return costs.macs(full), costs.params(full)
 
 
-def torch_pruning_to_target(model, shape, fraction: float, dense_macs: int):
+def torch_pruning_to_target(model, shape, fraction: float, dense_macs: int, round_to: int):
     """Torch-Pruning's MetaPruner with L1 group magnitude, per-layer ratio searched to remove ``fraction`` of MACs."""
     import torch_pruning as tp
 
@@ -55,7 +55,7 @@ def torch_pruning_to_target(model, shape, fraction: float, dense_macs: int):
             importance=tp.importance.GroupMagnitudeImportance(p=1),
             pruning_ratio=ratio,
             ignored_layers=[dict(m.named_modules())[n] for n, x in model.named_modules() if x is classifier],
-            round_to=8,
+            round_to=round_to,
         )
         pruner.step()
         return m, macs_and_params(m, shape)[0]
@@ -105,6 +105,13 @@ def main() -> None:
     p.add_argument("--ratios", default="0.3,0.5")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--round-to",
+        default="8",
+        help="kept widths are multiples of this; a list compares several "
+        "(AVX-512 kernels work in blocks of 16 channels)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the results files")
     p.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     args = p.parse_args()
     shape, batches = (3, 224, 224), (1, 8)
@@ -115,17 +122,18 @@ def main() -> None:
         dense_macs, dense_params = macs_and_params(dense, shape)
         variants, meta = {"dense": dense}, {"dense": (dense_macs, dense_params, None)}
         for fraction in (float(r) for r in args.ratios.split(",")):
-            t0 = time.perf_counter()
-            result = prune_cnn(dense, CnnPruningConfig(criterion="l1", target_flops=fraction, input_size=shape))
-            key = f"fastprune {fraction:.0%}"
-            variants[key] = result.model
-            meta[key] = (*macs_and_params(result.model, shape), time.perf_counter() - t0)
-            if not args.no_peer:
+            for round_to in (int(r) for r in args.round_to.split(",")):
+                suffix = f"{fraction:.0%}" + (f" r{round_to}" if "," in args.round_to else "")
                 t0 = time.perf_counter()
-                model, ratio = torch_pruning_to_target(dense, shape, fraction, dense_macs)
-                key = f"torch-pruning {fraction:.0%}"
-                variants[key] = model
-                meta[key] = (*macs_and_params(model, shape), time.perf_counter() - t0)
+                config = CnnPruningConfig(criterion="l1", target_flops=fraction, input_size=shape, round_to=round_to)
+                model = prune_cnn(dense, config).model
+                variants[f"fastprune {suffix}"] = model
+                meta[f"fastprune {suffix}"] = (*macs_and_params(model, shape), time.perf_counter() - t0)
+                if not args.no_peer:
+                    t0 = time.perf_counter()
+                    model, _ = torch_pruning_to_target(dense, shape, fraction, dense_macs, round_to)
+                    variants[f"torch-pruning {suffix}"] = model
+                    meta[f"torch-pruning {suffix}"] = (*macs_and_params(model, shape), time.perf_counter() - t0)
         variants = {k: v.to(args.device).eval() for k, v in variants.items()}
         load = os.getloadavg()[0]
         ms = time_models(variants, shape, batches, args.rounds, args.device)
@@ -156,8 +164,9 @@ def main() -> None:
 def write(rows: list[dict], args) -> None:
     import torch_pruning
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}-{os.cpu_count()}cpu"
-    device = device.replace(" ", "-")
+    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}-{threads}thread"
+    device = device.replace(" ", "-") + (f"-{args.tag}" if args.tag else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     info = {
         "device": device,

@@ -128,7 +128,6 @@ def run_demo(args) -> dict:
                 ranking=args.ranking,
                 input_size=(1, 28, 28),
                 samples=len(calibration.images),
-                batch_size=64,
                 seed=seed,
             )
             result = prune_cnn(dense, config, calibration)
@@ -221,14 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default="32,64,128")
     p.add_argument("--train-images", type=int, default=50000)
     p.add_argument("--test-images", type=int, default=10000)
-    p.add_argument("--calibration-images", type=int, default=512, help="from MNIST's validation split (taylor)")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--calibration-images", type=int, default=1024, help="from MNIST's validation split (taylor)")
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--sparsity", type=float, default=1e-4, help="L1 on BatchNorm scales while training (slimming)")
+    p.add_argument("--sparsity", type=float, default=1e-2, help="L1 on BatchNorm scales while training (slimming)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of filters removed")
     p.add_argument("--ranking", choices=("per_layer", "global"), default="per_layer")
-    p.add_argument("--random-seeds", type=int, default=3)
-    p.add_argument("--finetune", choices=CNN_CRITERIA, default="taylor")
+    p.add_argument("--random-seeds", type=int, default=5)
+    p.add_argument("--finetune", choices=CNN_CRITERIA, default="l1")
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--finetune-seconds", type=float, default=120.0, help="stop fine-tuning after this long")

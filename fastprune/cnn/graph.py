@@ -357,8 +357,6 @@ class _Analysis:
             c = self.chan_of(x)
             if c.dim != 1 or len(c.slots) != m.in_channels:
                 return self.not_understood(node, "convolution input channels not tracked on dim 1")
-            if m.padding_mode != "zeros" and m.groups > 1:
-                return self.not_understood(node, "grouped convolution with non-zero padding")
             out = self.uf.new(m.out_channels)
             g = m.groups
             if g > 1:
