@@ -162,7 +162,7 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
-    import torch_pruning
+    from importlib.metadata import version
 
     threads = torch.get_num_threads()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}-{threads}thread"
@@ -171,7 +171,7 @@ def write(rows: list[dict], args) -> None:
     info = {
         "device": device,
         "torch": torch.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", "?"),
+        "torch_pruning": version("torch-pruning"),
         "threads": torch.get_num_threads(),
         "commit": commit,
         "rounds": args.rounds,

@@ -140,6 +140,7 @@ def run(argv: list[str]) -> None:
             other = prune_cnn(model, dataclasses.replace(config, criterion=criterion), calibration)
             models[f"pruned ({criterion})"] = other.model
         result.report = evaluate_cnn(models, eval_data, eval_config)
+        result.report.info["not_understood"] = result.graph["not_understood"]
     out = save_cnn_result(result, args.out, args.model, config, inputs, args.overwrite)
     info = result.plan.info
     if "removed_macs_fraction" in info:

@@ -188,8 +188,8 @@ def to_markdown(s: dict, table: str) -> str:
         "",
         f"Dense: top-1 {100 * s['dense_top1']:.2f}% after {s['dense_training']['seconds']:.0f} s of training "
         f"(BatchNorm L1 sparsity {s['sparsity']:g}). Every criterion removes {s['ratio']:.0%} of the filters "
-        f"({s['ranking']} ranking; the fine-tuned model: {s['removed_params_fraction']:.0%} of parameters, "
-        f"{s['removed_macs_fraction']:.0%} of MACs).",
+        f"({s['ranking']} ranking; the fine-tuned model keeps {1 - s['removed_params_fraction']:.0%} of the "
+        f"parameters and {1 - s['removed_macs_fraction']:.0%} of the MACs).",
         "",
         "Before any fine-tuning: top-1 of the cut model as is, and after re-estimating its BatchNorm statistics on "
         f"{s['dataset']['calibration']['images']} calibration images (no weight trained).",

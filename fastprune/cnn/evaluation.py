@@ -93,6 +93,10 @@ class CnnReport:
 
     def files(self) -> dict[str, str]:
         info = "".join(f"- {k}: {v}\n" for k, v in self.info.items() if not isinstance(v, dict | list))
+        unknown = self.info.get("not_understood") or []
+        if unknown:
+            info += "\nOperations not understood (the channels they touch were kept):\n\n"
+            info += "".join(f"- {u}\n" for u in unknown)
         return {
             "report.json": json.dumps(self.to_dict(), indent=1) + "\n",
             "report.md": "# fastprune report (CNN)\n\n" + self.to_markdown() + "\n" + info,

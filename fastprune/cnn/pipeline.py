@@ -105,6 +105,7 @@ def prune_cnn(
             raise PlanError("evaluation needs the original model, which inplace=True overwrote")
         with _timed(seconds, "evaluate"):
             report = evaluate_cnn({"dense": model, f"pruned ({config.criterion})": pruned}, eval_data, evaluation)
+        report.info["not_understood"] = graph.unknown
     cal = calibration.describe() if calibration is not None else {}
     return CnnPruneResult(pruned, plan, scores, report, graph.describe(), cal, seconds)
 

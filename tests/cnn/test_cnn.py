@@ -120,10 +120,15 @@ def test_operations_not_understood_keep_their_channels_and_are_listed():
     assert any("GroupNorm" in u for u in graph.unknown) and any("chunk" in u for u in graph.unknown)
     assert bool(graph.frozen[graph.site_map()[("a", "out")].units].all())
     assert bool(graph.frozen[graph.site_map()[("b", "out")].units].all())
-    result = prune_cnn(model, CnnPruningConfig(filter_ratio=0.5, round_to=1, input_size=(3, 9, 9)))
+    from fastprune.cnn.evaluation import CnnEvalConfig
+
+    config = CnnPruningConfig(filter_ratio=0.5, round_to=1, input_size=(3, 9, 9))
+    result = prune_cnn(model, config, evaluation=CnnEvalConfig((3, 9, 9), (1,), 1))
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(result.model(x), model(x))  # nothing prunable: same model
     assert result.plan.info["not_understood"] == graph.unknown
+    report = result.report.files()["report.md"]
+    assert "Operations not understood" in report and all(u in report for u in graph.unknown)
 
 
 class Untraceable(nn.Module):
