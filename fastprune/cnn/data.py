@@ -34,6 +34,11 @@ class ImageSet:
             out.append((self.images[i : i + batch_size], labels))
         return out
 
+    def head(self, n: int) -> ImageSet:
+        """The first ``n`` images (all of them if there are fewer)."""
+        labels = None if self.labels is None else self.labels[:n]
+        return ImageSet(self.images[:n], labels, self.source)
+
     def describe(self) -> dict:
         return {"source": self.source, "images": len(self.images), "labelled": self.labels is not None}
 

@@ -69,6 +69,12 @@ def prune_cnn(
     ``evaluation`` the dense and pruned models are measured side by side (accuracy on ``eval_data``). The input
     model is untouched unless ``inplace``.
     """
+    if inplace and evaluation is not None:
+        raise PlanError("evaluation needs the original model, which inplace=True overwrites")
+    if config.recalibrate_bn and calibration is None:
+        raise CalibrationError("recalibrate_bn needs calibration images")
+    if calibration is not None:
+        calibration = calibration.head(config.samples)
     seconds: dict[str, float] = {}
     example = torch.zeros(1, *config.input_size)
     with _timed(seconds, "trace"):
@@ -93,16 +99,12 @@ def prune_cnn(
     with _timed(seconds, "surgery"):
         pruned = cut(model, graph, plan, inplace)
     if config.recalibrate_bn:
-        if calibration is None:
-            raise CalibrationError("recalibrate_bn needs calibration images")
         with _timed(seconds, "recalibrate_bn"):
             recalibrate_bn(pruned, calibration, config.batch_size)
     plan.info["recalibrated_bn"] = config.recalibrate_bn
     plan.info["not_understood"] = graph.unknown
     report = None
     if evaluation is not None:
-        if inplace:
-            raise PlanError("evaluation needs the original model, which inplace=True overwrote")
         with _timed(seconds, "evaluate"):
             report = evaluate_cnn({"dense": model, f"pruned ({config.criterion})": pruned}, eval_data, evaluation)
         report.info["not_understood"] = graph.unknown
