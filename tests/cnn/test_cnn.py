@@ -3,15 +3,10 @@ costs and plans against direct computations; save/load; the command line and its
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).parent))
-from cnn_models import (  # noqa: E402
+from cnn_models import (
     VGG,
     BasicBlock,
     DenseInception,
@@ -21,15 +16,16 @@ from cnn_models import (  # noqa: E402
     random_cnn,
     randomize_bn,
 )
+from torch import nn
 
-from fastprune.cli import main  # noqa: E402
-from fastprune.cnn import CnnPlan, CnnPruningConfig, load_cnn, prune_cnn  # noqa: E402
-from fastprune.cnn.costs import CostModel  # noqa: E402
-from fastprune.cnn.criteria import BnSparsity, score_units  # noqa: E402
-from fastprune.cnn.graph import analyze  # noqa: E402
-from fastprune.cnn.planning import make_cnn_plan  # noqa: E402
-from fastprune.cnn.surgery import apply_keep  # noqa: E402
-from fastprune.errors import PlanError, UnsupportedModelError  # noqa: E402
+from fastprune.cli import main
+from fastprune.cnn import CnnPlan, CnnPruningConfig, load_cnn, prune_cnn
+from fastprune.cnn.costs import CostModel
+from fastprune.cnn.criteria import BnSparsity, score_units
+from fastprune.cnn.graph import analyze
+from fastprune.cnn.planning import make_cnn_plan
+from fastprune.cnn.surgery import apply_keep
+from fastprune.errors import PlanError, UnsupportedModelError
 
 ARCHITECTURES = {
     "resnet_basic": lambda: ResNet(),

@@ -2,8 +2,6 @@
 Run by `make test-vision` in .venv-vision; skipped where torchvision does not import (the CPU torch of .venv)."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +11,12 @@ try:
 except Exception as exc:  # RuntimeError, not ImportError, beside a torch it was not built for
     pytest.skip(f"torchvision does not import: {exc}", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cnn_models import MaskedRun  # noqa: E402
+from cnn_models import MaskedRun
 
-from fastprune.cnn import CnnPruningConfig, load_cnn, prune_cnn  # noqa: E402
-from fastprune.cnn.graph import analyze  # noqa: E402
-from fastprune.cnn.pipeline import save_cnn_result  # noqa: E402
-from fastprune.cnn.surgery import apply_keep  # noqa: E402
+from fastprune.cnn import CnnPruningConfig, load_cnn, prune_cnn
+from fastprune.cnn.graph import analyze
+from fastprune.cnn.pipeline import save_cnn_result
+from fastprune.cnn.surgery import apply_keep
 
 pytestmark = pytest.mark.vision
 
