@@ -14,6 +14,7 @@ Public API::
 
 __version__ = "0.1.0"
 
+from fastprune.cnn import CnnPlan, CnnPruningConfig, load_cnn, prune_cnn
 from fastprune.config import CalibrationConfig, PruningConfig
 from fastprune.errors import FastpruneError
 from fastprune.evaluation import EvalConfig, Report, evaluate
@@ -26,6 +27,8 @@ from fastprune.scoring import Scores, score
 
 __all__ = [
     "CalibrationConfig",
+    "CnnPlan",
+    "CnnPruningConfig",
     "EvalConfig",
     "FastpruneError",
     "Plan",
@@ -38,9 +41,11 @@ __all__ = [
     "__version__",
     "evaluate",
     "load",
+    "load_cnn",
     "load_source",
     "make_plan",
     "prune",
+    "prune_cnn",
     "recover",
     "save_result",
     "score",

@@ -118,7 +118,8 @@ def prune(
     )
     layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
     if needs_all and not (grams is not None and grams.has(layers, layers)):
-        grams = collect_grams(adapter, batches, layers, layers)
+        with _timed(seconds, "statistics"):
+            grams = collect_grams(adapter, batches, layers, layers)
     if plan is None:
         torch.manual_seed(config.seed)
         with _timed(seconds, "score"):
@@ -128,7 +129,8 @@ def prune(
         plan.info["calibration"] = windows.describe()
     sequential = config.sequential and windows is not None  # (a given plan without refit calibrates nothing)
     if config.reconstruct and not sequential and (grams is None or not grams.has(*layers_for_plan(plan))):
-        grams = grams_for_plan(adapter, batches, plan)
+        with _timed(seconds, "statistics"):
+            grams = grams_for_plan(adapter, batches, plan)
     cutting = _Cutting(config, grams, batches if sequential else None, scores)
     pruned, plan = cutting.cut(model, plan, inplace, seconds)
     if config.target_latency_ms is not None:
@@ -261,9 +263,10 @@ def _meet_latency(model, pruned, plan, scores, config, costs, budget, cutting, s
 
 @contextmanager
 def _timed(seconds: dict[str, float], name: str):
+    """Add the wall time of the block to ``seconds[name]`` (a phase may run more than once)."""
     t0 = time.perf_counter()
     yield
-    seconds[name] = time.perf_counter() - t0
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def provenance(result: PruneResult, config: PruningConfig | None, source: str) -> dict:
