@@ -135,12 +135,8 @@ def run_child(command: list[str], watch: Path | None = None) -> tuple[subprocess
     t0 = time.perf_counter()
     child = subprocess.Popen(["nice", "-n", "5", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"bytes": 0, "at": None}
-    status = Path(f"/proc/{child.pid}/status")
     while child.poll() is None:
-        try:
-            hwm = int(status.read_text().split("VmHWM:")[1].split()[0]) * 1024
-        except (OSError, IndexError):  # exited, or not yet exec'ed
-            hwm = 0
+        hwm = max(_vm_hwm(pid) for pid in _process_tree(child.pid))  # (the prune may run under GNU time)
         if hwm > peak["bytes"]:
             progress = watch / "progress.json" if watch is not None else None
             at = progress.read_text().strip() if progress is not None and progress.is_file() else "start or end"
@@ -148,6 +144,23 @@ def run_child(command: list[str], watch: Path | None = None) -> tuple[subprocess
         time.sleep(0.1)
     stdout, stderr = child.communicate()
     return subprocess.CompletedProcess(command, child.returncode, stdout, stderr), peak, time.perf_counter() - t0
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid] + [p for c in children for p in _process_tree(int(c))]
+
+
+def _vm_hwm(pid: int) -> int:
+    """A process's peak resident memory in bytes (0 once it has exited)."""
+    try:
+        return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return 0
 
 
 RELOAD = """
