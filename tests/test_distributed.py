@@ -51,7 +51,6 @@ def test_two_processes_score_plan_and_cut_like_one(source, tmp_path, capsys):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_process_count_that_does_not_divide_the_batches_is_refused(source, tmp_path):
     six_windows = ["--samples", "6", *CLI_CAL[2:]]  # 3 batches of 2
     done = torchrun(["-m", "fastprune", "prune", "--model", str(source), *six_windows, "--out", str(tmp_path / "o")])
@@ -62,7 +61,6 @@ def test_a_process_count_that_does_not_divide_the_batches_is_refused(source, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_two_process_fsdp_recovery_follows_one_process_and_resumes_from_a_sharded_checkpoint(tmp_path):
     run_recovery(tmp_path / "one.pt")
     one = torch.load(tmp_path / "one.pt")

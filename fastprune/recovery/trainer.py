@@ -123,7 +123,6 @@ def recover(
         raise ConfigError("resume needs the checkpoint_dir of the interrupted run")
     ids = _window_ids(windows)
     train_ids, val_ids = split_windows(ids, config.val_fraction, config.seed)
-    device = next(student.parameters()).device
     adapter = adapter_for(student)
     sharded, plain_class = sharding(), type(student)
     if sharded:
@@ -132,10 +131,11 @@ def recover(
         local_share(torch.empty(config.batch_size))  # refuse a batch the processes cannot split, before loading
     torch.manual_seed(config.seed)
     with _training_shape(adapter, config), _eval_mode(teacher):
-        if sharded:
+        if sharded:  # (fully_shard moves the weights to this process's device: its GPU under NCCL)
             shard_model(adapter)
             if teacher is not None:
                 shard_model(adapter_for(teacher))
+        device = next(student.parameters()).device
         peft_model = add_lora(adapter, config) if config.mode == "lora" else None
         try:
             objective = make_objective(adapter, teacher, config)
