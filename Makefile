@@ -111,7 +111,7 @@ compare: $(STAMP)
 	$(PIP) install --quiet "torch-pruning==1.6.1" "$(TORCH_SPEC)"
 	$(PY) benchmarks/compare_peers.py
 
-# Stream-prune a random Llama-3.2-3B-shaped model (6 GB of bf16 shards in /tmp, about an hour on 2 cores): peak memory,
+# Stream-prune a random Llama-3.2-3B-shaped model (6 GB of bf16 shards in /tmp, 20 min on 2 cores): peak memory,
 # time per layer, projections for 8B and 70B; writes benchmarks/results/rehearsal-3b.{md,json}.
 rehearsal: $(STAMP)
 	$(PY) benchmarks/rehearsal.py
