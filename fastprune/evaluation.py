@@ -185,11 +185,16 @@ def _kv_cache_mb(adapter, tokens: int) -> float:
 
 
 def _weights_mb(model) -> float:
+    """Parameters (tied ones once) and saved buffers, such as the positions of 2:4 layers' kept weights."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
     return total / 2**20
 
 
