@@ -31,12 +31,13 @@ def tiny_decoder(
     channels: int = 44,
     seed: int = 0,
     tie: bool = True,
+    vocab: int = VOCAB,
     **extra,
 ) -> torch.nn.Module:
     """A randomly initialised Llama-family decoder small enough to run in milliseconds."""
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=72,
         intermediate_size=channels,
         num_hidden_layers=layers,
@@ -94,6 +95,28 @@ def byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def bpe_tokenizer(vocab: int = 300):
+    """A byte-level BPE tokenizer with merges learnt from Python's docs (GGUF vocabularies need merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastprune.data import read_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([read_text("pydoc:calibration")[:200_000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
     )
 
 

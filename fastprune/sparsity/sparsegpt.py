@@ -6,8 +6,9 @@ pruned weights w (in its rows) leave the error err = w / [H_i^-1]_00, where H_i 
 after; the Optimal Brain Surgeon update W[:, i:] -= err [H_i^-1]_0,: spreads it over the columns not yet
 processed. The rows [H_i^-1]_0,: / sqrt([H_i^-1]_00) are the rows of the upper Cholesky factor of H^-1, so one
 factorisation serves every column. The 2:4 choice for a group of 4 columns is made when its first column is
-reached, by the OBS saliency w^2 / [H_i^-1]_00^2 of the already updated weights. Updates are applied within
-``block_size`` columns at once and to the columns beyond in one matrix product ("lazy batch" updates).
+reached, by the OBS saliency w_j^2 / [H_j^-1]_00 (j: the group's columns) of the already updated weights.
+Updates are applied within ``block_size`` columns at once and to the columns beyond in one matrix product ("lazy
+batch" updates).
 """
 
 from __future__ import annotations
