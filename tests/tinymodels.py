@@ -32,18 +32,20 @@ def tiny_decoder(
     seed: int = 0,
     tie: bool = True,
     vocab: int = VOCAB,
+    hidden: int = 72,
+    head_dim: int = 8,
     **extra,
 ) -> torch.nn.Module:
     """A randomly initialised Llama-family decoder small enough to run in milliseconds."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab,
-        hidden_size=72,
+        hidden_size=hidden,
         intermediate_size=channels,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         **extra,
