@@ -165,9 +165,10 @@ def prefill_seconds(model, tokens: int, vocab_size: int) -> float:
         return time.perf_counter() - t0
 
 
-def decode_tokens_per_second(model, new_tokens: int, vocab_size: int, prompt_tokens: int = 32) -> float:
-    """Greedy generation speed with the KV cache, prompt processing excluded."""
-    ids = torch.randint(0, vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+def decode_tokens_per_second(model, new_tokens: int, vocab_size: int, prompt_tokens: int = 32, batch: int = 1) -> float:
+    """Greedy generation speed with the KV cache, prompt processing excluded: tokens generated per second over all
+    ``batch`` sequences."""
+    ids = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     kwargs = {"do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def decode_tokens_per_second(model, new_tokens: int, vocab_size: int, prompt_tok
         t1 = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
         t2 = time.perf_counter()
-    return new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
+    return batch * new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
 def _kv_cache_mb(adapter, tokens: int) -> float:

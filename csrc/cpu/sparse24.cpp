@@ -49,6 +49,14 @@ std::atomic<int> g_isa{detect_isa()};
 
 int64_t meta_cols(int64_t in) { return (in / 4 + 1) / 2; }
 
+// Rows per parallel chunk: at least `min_elements` weights of `in` per row, and 16 rows. Waking a second thread
+// costs microseconds (far more on a loaded machine, where a descheduled thread stalls the parallel region), so a
+// small matrix (a sparsegpt group [rows, 4], a SmolLM2 k_proj) runs on one thread.
+int64_t grain_rows(int64_t in, int64_t min_elements) {
+  return std::max<int64_t>(16, min_elements / std::max<int64_t>(in, 1));
+}
+constexpr int64_t kSelectGrain = 1 << 16;  // weights per chunk for mask / compress / decompress
+
 // ---------------------------------------------------------------- selection
 
 // Scores as int32 keys in the selection order: numbers ascending with -0 == +0, every NaN above +inf.
@@ -186,7 +194,7 @@ Tensor sparse24_mask(const Tensor& weight, const std::optional<Tensor>& score,
   Tensor mask = at::empty({out, in}, weight.options().dtype(at::kBool));
   bool* m = mask.data_ptr<bool>();
   const float* act = s.act.defined() ? s.act.const_data_ptr<float>() : nullptr;
-  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, out, grain_rows(in, kSelectGrain), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(in);
     for (int64_t r = r0; r < r1; ++r) {
       row_scores(s.weight, s.score, act, r, in, buf.data());
@@ -234,7 +242,8 @@ std::tuple<Tensor, Tensor> sparse24_compress(const Tensor& weight, const std::op
     using scalar_t = decltype(tag);
     scalar_t* v = values.data_ptr<scalar_t>();
     uint8_t* m = meta.data_ptr<uint8_t>();
-    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) { compress_rows<scalar_t>(s, act, r0, r1, in, v, m); });
+    at::parallel_for(0, out, grain_rows(in, kSelectGrain),
+                     [&](int64_t r0, int64_t r1) { compress_rows<scalar_t>(s, act, r0, r1, in, v, m); });
   });
   return {values, meta};
 }
@@ -249,7 +258,7 @@ Tensor sparse24_decompress(const Tensor& values_in, const Tensor& meta_in) {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     const uint8_t* m = meta.const_data_ptr<uint8_t>();
     scalar_t* d = dense.data_ptr<scalar_t>();
-    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, out, grain_rows(in, kSelectGrain), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t g = 0; g < in / 4; ++g) {
           const uint8_t nib = group_nibble(m + r * mcols, g);
@@ -674,6 +683,9 @@ void gemm_rows(const Problem<scalar_t>& p, int isa, int64_t b0, int64_t b1) {
   }
 }
 
+// Weights per GEMV chunk (rows x in): a second thread pays off from about this much work.
+constexpr int64_t kGemvGrain = 1 << 17;
+
 // Below this many tokens re-reading x per row (GEMV) beats packing it (GEMM); measured on the benchmark CPU.
 constexpr int64_t kGemmMinTokens = 16;
 
@@ -713,7 +725,7 @@ Tensor sparse24_matmul(const Tensor& x_in, const Tensor& values_in, const Tensor
     if (gemm)
       at::parallel_for(0, (out + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) { gemm_rows(p, isa, b0, b1); });
     else
-      at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) { gemv_rows(p, isa, r0, r1); });
+      at::parallel_for(0, out, grain_rows(in, kGemvGrain), [&](int64_t r0, int64_t r1) { gemv_rows(p, isa, r0, r1); });
   });
   return y;
 }

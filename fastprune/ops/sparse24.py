@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprune.ops import _native
-from fastprune.ops._checks import FLOAT_DTYPES
+from fastprune.ops._checks import FLOAT_DTYPES, direct_call_ok
 
 _GPU_GEMV_MAX_TOKENS = 8  # CUDA and Triton GEMV kernels; more tokens go to decompress + cuBLAS
 
@@ -350,12 +350,16 @@ def _decompress_backward(ctx, grad):
 _decompress_op.register_autograd(_decompress_backward, setup_context=_decompress_setup)
 
 
-@torch.library.custom_op("fastprune::sparse24_matmul", mutates_args=())
-def _matmul_op(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+def _matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
     _check_matmul(x, values, meta, bias)
     x2 = x.reshape(-1, x.shape[-1])
     y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x2, values, meta, bias)
     return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+@torch.library.custom_op("fastprune::sparse24_matmul", mutates_args=())
+def _matmul_op(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    return _matmul(x, values, meta, bias)
 
 
 @_matmul_op.register_fake
@@ -417,7 +421,23 @@ def sparse24_decompress(values: Tensor, meta: Tensor, in_features: int | None = 
 
 def sparse24_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x [..., in] @ W^T (+ bias)`` for a 2:4-compressed ``W`` (``nn.Linear`` semantics, fp32 sums)."""
+    if _plain_inference(x, values, meta, bias):
+        return _matmul(x, values, meta, bias)
     return _matmul_op(x, values, meta, bias)
+
+
+def _plain_inference(*tensors: Tensor | None) -> bool:
+    """Whether a call may skip the custom op: eager, no gradient to record, plain tensors or parameters.
+
+    Decoding one token calls the product once per linear layer (210 times for SmolLM2), and the op's dispatch
+    costs about as much as the kernel on such a small matrix.
+    """
+    given = [t for t in tensors if t is not None]
+    if not all(type(t) in (Tensor, torch.nn.Parameter) for t in given):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return False
+    return direct_call_ok(given[0])
 
 
 def vendor_sparse_available(device: torch.device | str) -> bool:
