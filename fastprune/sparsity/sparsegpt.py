@@ -33,6 +33,17 @@ def sparsegpt_24(weight: Tensor, gram: Tensor, damping: float = 0.01, block_size
     ``gram``: X^T X of the layer's input over the calibration tokens, [in, in]. Inputs that were never nonzero
     (zero diagonal) get weight 0, as nothing constrains them.
     """
+    threads = torch.get_num_threads()
+    # The column loop is thousands of small operations; a second thread costs more to wake than it saves there,
+    # and on a loaded machine each parallel region can wait a scheduler tick for it.
+    torch.set_num_threads(1)
+    try:
+        return _sparsegpt_24(weight, gram, damping, block_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sparsegpt_24(weight: Tensor, gram: Tensor, damping: float, block_size: int) -> tuple[Tensor, Tensor]:
     w = weight.detach().float().clone()
     rows, cols = w.shape
     gram = gram.double().clone()
