@@ -30,6 +30,7 @@ choice must be confirmed by running ``benchmarks/bench_sparse24.py`` on a GPU (b
 dense cuBLAS and the vendor 2:4 path ``to_vendor_sparse``).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -351,10 +352,24 @@ _decompress_op.register_autograd(_decompress_backward, setup_context=_decompress
 
 
 def _matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
-    _check_matmul(x, values, meta, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x2, values, meta, bias)
-    return y.reshape(*x.shape[:-1], values.shape[0])
+    if x.device.type == "cpu" and x.dim() > 0 and _native.cpu_extension("sparse24") and not _native.use_triton_on_cpu():
+        # The C++ op checks every argument itself, with the same messages; checking in Python too would cost as
+        # much as the product of a SmolLM2-sized matrix.
+        y = _CPU_MATMUL(x.reshape(-1, x.shape[-1]), values, meta, bias)
+    else:
+        _check_matmul(x, values, meta, bias)
+        y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x.reshape(-1, x.shape[-1]), values, meta, bias)
+    return y.view(*x.shape[:-1], values.shape[0])
+
+
+@functools.cache
+def _cpu_matmul_overload():
+    """The C++ op's overload, looked up once (``torch.ops`` attribute lookups cost microseconds per call)."""
+    return torch.ops.fastprune_cpu.sparse24_matmul.default
+
+
+def _CPU_MATMUL(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:  # noqa: N802
+    return _cpu_matmul_overload()(x, values, meta, bias)
 
 
 @torch.library.custom_op("fastprune::sparse24_matmul", mutates_args=())
@@ -426,18 +441,26 @@ def sparse24_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
     return _matmul_op(x, values, meta, bias)
 
 
-def _plain_inference(*tensors: Tensor | None) -> bool:
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_inference(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> bool:
     """Whether a call may skip the custom op: eager, no gradient to record, plain tensors or parameters.
 
     Decoding one token calls the product once per linear layer (210 times for SmolLM2), and the op's dispatch
     costs about as much as the kernel on such a small matrix.
     """
-    given = [t for t in tensors if t is not None]
-    if not all(type(t) in (Tensor, torch.nn.Parameter) for t in given):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
-        return False
-    return direct_call_ok(given[0])
+    return (
+        type(x) in _PLAIN_TYPES
+        and type(values) in _PLAIN_TYPES
+        and type(meta) in _PLAIN_TYPES
+        and (bias is None or type(bias) in _PLAIN_TYPES)
+        and direct_call_ok(x)
+    )
 
 
 def vendor_sparse_available(device: torch.device | str) -> bool:
