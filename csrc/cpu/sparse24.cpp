@@ -423,9 +423,14 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void dot_rows_avx
 constexpr int64_t kGemvRows = 4;
 constexpr int64_t kGemvL1Bytes = 24 * 1024;
 
+// Short rows also go 4 at a time: a row's fixed costs (its 4 sums reduced, the tail, the store) weigh on 18
+// steps of a 576-wide row as much as the steps themselves.
+constexpr int64_t kGemvShortRow = 1024;
+
 template <typename scalar_t>
 bool gemv_shares_x(const Problem<scalar_t>& p) {
-  return p.in * static_cast<int64_t>(sizeof(float)) * std::min<int64_t>(p.tokens, 4) > kGemvL1Bytes;
+  return p.in <= kGemvShortRow ||
+         p.in * static_cast<int64_t>(sizeof(float)) * std::min<int64_t>(p.tokens, 4) > kGemvL1Bytes;
 }
 
 // y for rows [r, r + nr) and tokens [t0, t0 + nt) from their dot products acc[row][token] (+ bias).
@@ -725,12 +730,17 @@ constexpr int64_t kGemmMinTokens = 16;
 Tensor sparse24_matmul(const Tensor& x_in, const Tensor& values_in, const Tensor& meta_in,
                        const std::optional<Tensor>& bias_in) {
   check_compressed("sparse24_matmul", values_in, meta_in);
-  TORCH_CHECK(x_in.dim() == 2, "sparse24_matmul: x must be 2-D [tokens, in] here, got ", x_in.dim(), "-D");
+  // x [..., in] -> y [..., out], as nn.Linear: a layer's caller passes [batch, tokens, in] without reshaping.
+  TORCH_CHECK(x_in.dim() >= 1, "sparse24_matmul: x must have at least 1 dim");
   TORCH_CHECK(x_in.scalar_type() == values_in.scalar_type(), "sparse24_matmul: x dtype ", x_in.scalar_type(),
               " must equal values dtype ", values_in.scalar_type());
-  const int64_t tokens = x_in.size(0), out = values_in.size(0), in = 2 * values_in.size(1);
-  TORCH_CHECK(x_in.size(1) == in, "sparse24_matmul: x has ", x_in.size(1), " features, the compressed weight has ",
+  const int64_t out = values_in.size(0), in = 2 * values_in.size(1);
+  TORCH_CHECK(x_in.size(-1) == in, "sparse24_matmul: x has ", x_in.size(-1), " features, the compressed weight has ",
               in);
+  int64_t tokens = 1;
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) tokens *= x_in.size(d);
+  std::vector<int64_t> y_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  y_sizes.back() = out;
   Tensor bias;
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out, "sparse24_matmul: bias must be 1-D with ", out,
@@ -739,13 +749,13 @@ Tensor sparse24_matmul(const Tensor& x_in, const Tensor& values_in, const Tensor
     bias = bias_in->to(at::kFloat).contiguous();
   }
   const Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  Tensor y = at::empty({tokens, out}, x_in.options());
+  Tensor y = at::empty(y_sizes, x_in.options());
   if (tokens == 0 || out == 0) return y;
   const int isa = g_isa.load();
   const bool gemm = tokens >= kGemmMinTokens;
   dispatch_weight(values.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const Tensor xf = x_in.to(at::kFloat).contiguous();
+    const Tensor xf = x_in.to(at::kFloat).contiguous();  // [tokens, in] in memory
     const Problem<scalar_t> p{values.const_data_ptr<scalar_t>(),
                               meta.const_data_ptr<uint8_t>(),
                               xf.const_data_ptr<float>(),

@@ -352,24 +352,30 @@ _decompress_op.register_autograd(_decompress_backward, setup_context=_decompress
 
 
 def _matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
-    if x.device.type == "cpu" and x.dim() > 0 and _native.cpu_extension("sparse24") and not _native.use_triton_on_cpu():
-        # The C++ op checks every argument itself, with the same messages; checking in Python too would cost as
-        # much as the product of a SmolLM2-sized matrix.
-        y = _CPU_MATMUL(x.reshape(-1, x.shape[-1]), values, meta, bias)
-    else:
-        _check_matmul(x, values, meta, bias)
-        y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x.reshape(-1, x.shape[-1]), values, meta, bias)
+    if x.device.type == "cpu" and _cpu_kernel_ready(x):
+        # The C++ op takes x [..., in] and checks every argument itself, with the same messages; checking in
+        # Python too would cost as much as the product of a SmolLM2-sized matrix.
+        return _cpu_matmul_overload()(x, values, meta, bias)
+    _check_matmul(x, values, meta, bias)
+    y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x.reshape(-1, x.shape[-1]), values, meta, bias)
     return y.view(*x.shape[:-1], values.shape[0])
+
+
+def _cpu_kernel_ready(x: Tensor) -> bool:
+    """Whether an inference call on this CPU tensor may go straight to the C++ product (see ``_matmul``)."""
+    return _cpu_backend() and direct_call_ok(x)
+
+
+@functools.cache
+def _cpu_backend() -> bool:
+    """Whether CPU products run the C++ kernels in this process (TRITON_INTERPRET is read once, as triton does)."""
+    return _native.cpu_extension("sparse24") and not _native.use_triton_on_cpu()
 
 
 @functools.cache
 def _cpu_matmul_overload():
     """The C++ op's overload, looked up once (``torch.ops`` attribute lookups cost microseconds per call)."""
     return torch.ops.fastprune_cpu.sparse24_matmul.default
-
-
-def _CPU_MATMUL(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:  # noqa: N802
-    return _cpu_matmul_overload()(x, values, meta, bias)
 
 
 @torch.library.custom_op("fastprune::sparse24_matmul", mutates_args=())
@@ -502,6 +508,10 @@ class Sparse24Linear(torch.nn.Module):
         return cls(values, meta, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and x.device.type == "cpu" and type(x) is Tensor and _cpu_kernel_ready(x):
+            # Decoding calls every layer once per token: the shortest way to the C++ kernel (which checks its
+            # arguments itself) keeps the Python around it below the cost of a SmolLM2-sized product.
+            return _cpu_matmul_overload()(x, self.values, self.meta, self.bias)
         return sparse24_matmul(x, self.values, self.meta, self.bias)
 
     def dense_weight(self) -> Tensor:
