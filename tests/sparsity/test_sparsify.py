@@ -290,3 +290,8 @@ def test_structured_pruned_model_with_per_layer_widths_sparsifies_and_reloads(sa
         assert torch.equal(fastprune.load(root / "per_layer")(IDS).logits, result.model(IDS).logits)
         reference = masked_dense(result.model)(IDS).logits
     torch.testing.assert_close(remote[1], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_pruning_a_sparse_model_is_refused(results):
+    with pytest.raises(ConfigError, match="2:4-sparse; prune the dense model first"):
+        fastprune.prune(results["magnitude"].model, PruningConfig(channel_ratio=0.25))
