@@ -7,9 +7,16 @@
   ``nvcc`` is found. torch's CUDA headers are not used: the CPU build of torch cannot compile them.
 - ``fastprune.kernels``: the Triton kernels in ``kernels/``.
 
+Packages are found by setuptools' discovery (every ``fastprune/**/__init__.py``), so a wheel cannot miss a
+module; tests/test_packaging.py builds one and compares it with the source tree.
+
 A failed native build does not fail the install: fastprune then falls back to its PyTorch references and
-warns once. Set ``FASTPRUNE_STRICT_BUILD=1`` to make build failures fatal, and
-``FASTPRUNE_BUILD_ONLY=<family>`` to build one family while developing it.
+warns once. Environment switches:
+
+- ``FASTPRUNE_CUDA``: ``auto`` (default) builds the CUDA modules when nvcc is found and a GPU is visible,
+  ``1`` whenever nvcc is found (CI does, to compile-check them), ``0`` never.
+- ``FASTPRUNE_NATIVE=0``: no native modules at all (a pure-Python package using the references).
+- ``FASTPRUNE_STRICT_BUILD=1``: build failures are fatal. ``FASTPRUNE_BUILD_ONLY=<family>``: build one family.
 """
 
 import os
@@ -19,12 +26,14 @@ import sysconfig
 from glob import glob
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 STRICT = os.environ.get("FASTPRUNE_STRICT_BUILD") == "1"
 CUDA_ARCHS = os.environ.get("FASTPRUNE_CUDA_ARCHS", "80;90")
 BUILD_ONLY = os.environ.get("FASTPRUNE_BUILD_ONLY")
+NATIVE = os.environ.get("FASTPRUNE_NATIVE", "1") != "0"
+CUDA = os.environ.get("FASTPRUNE_CUDA", "auto")
 
 
 class NvccExtension(Extension):
@@ -43,7 +52,26 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _gpu_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU (its driver's device node or nvidia-smi)."""
+    if Path("/dev/nvidiactl").exists():
+        return True
+    smi = shutil.which("nvidia-smi")
+    return smi is not None and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+def _build_cuda() -> bool:
+    if CUDA == "0":
+        return False
+    if CUDA == "auto" and not _gpu_visible():
+        print("fastprune: no GPU visible, skipping the CUDA modules (FASTPRUNE_CUDA=1 builds them anyway)")
+        return False
+    return True
+
+
 def _extensions():
+    if not NATIVE:
+        return []
     from torch.utils.cpp_extension import CppExtension
 
     exts = []
@@ -60,7 +88,7 @@ def _extensions():
             )
         )
     cuda_headers = sorted(glob("csrc/cuda/*.cuh"))
-    for cu in sorted(glob("csrc/cuda/*.cu")):
+    for cu in sorted(glob("csrc/cuda/*.cu")) if _build_cuda() else []:
         exts.append(NvccExtension(f"fastprune._cuda_{Path(cu).stem}", cu, cuda_headers))
     if BUILD_ONLY:
         exts = [e for e in exts if e.name.split("_", 2)[-1] == BUILD_ONLY]
@@ -123,18 +151,10 @@ def _build_ext_class():
 
 
 setup(
-    packages=[
-        "fastprune",
-        "fastprune.adapters",
-        "fastprune.scoring",
-        "fastprune.ops",
-        "fastprune.remote",
-        "fastprune.kernels",
-        "fastprune.recovery",
-        "fastprune.sparsity",
-        "fastprune.export",
-    ],
+    # The Triton kernels live in kernels/ and install as fastprune.kernels.
+    packages=[*find_packages(include=["fastprune", "fastprune.*"]), "fastprune.kernels"],
     package_dir={"fastprune.kernels": "kernels"},
+    include_package_data=True,  # non-Python files inside the packages (declared in MANIFEST.in) ship too
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext_class()},
     zip_safe=False,

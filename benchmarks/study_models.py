@@ -54,8 +54,7 @@ class Row:
     note: str = ""
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("model")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
         d["gguf"] = None if self.gguf is None else self.gguf.name
         d["decode_tokens_per_s"] = {str(k): v for k, v in self.decode_tokens_per_s.items()}
         return d

@@ -20,6 +20,7 @@ Public API::
 
 __version__ = "0.1.0"
 
+from fastprune.cnn import CnnPlan, CnnPruningConfig, load_cnn, prune_cnn
 from fastprune.config import CalibrationConfig, PruningConfig
 from fastprune.errors import FastpruneError
 from fastprune.evaluation import EvalConfig, Report, evaluate
@@ -34,6 +35,8 @@ from fastprune.sparsity import SparsifyConfig, SparsifyResult, save_sparsified, 
 
 __all__ = [
     "CalibrationConfig",
+    "CnnPlan",
+    "CnnPruningConfig",
     "EvalConfig",
     "FastpruneError",
     "Plan",
@@ -49,9 +52,11 @@ __all__ = [
     "evaluate",
     "export_gguf",
     "load",
+    "load_cnn",
     "load_source",
     "make_plan",
     "prune",
+    "prune_cnn",
     "recover",
     "save_result",
     "save_sparsified",

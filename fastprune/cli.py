@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="score, plan, cut, measure and save in one go",
         description="Prune a model and write the smaller dense model with plan.json, fastprune.json (provenance) "
-        "and report.md/json (dense vs pruned, measured in the same run).",
+        "and report.md/json (dense vs pruned, measured in the same run). CNNs (--model torchvision:NAME, a .pt "
+        "file) take their own flags: fastprune prune --model torchvision:resnet18 --help.",
     )
     _add_model(p)
     _add_calibration(p)
@@ -474,6 +475,7 @@ def _cmd_prune(args) -> None:
         result.report.info.update({"plan_counts": result.plan.counts(), "seconds": result.seconds})
     out = save_result(result, loaded.tokenizer, args.out, list(loaded.inputs), config, loaded.name, args.overwrite)
     _print_summary(result.plan)
+    print("seconds: " + ", ".join(f"{phase} {s:.1f}" for phase, s in result.seconds.items()))
     for row in result.steps:
         print(
             f"step {row['step']}: {row['non_embedding_params'] / 1e6:.1f}M non-embedding parameters, "
@@ -728,13 +730,35 @@ COMMANDS = {
 }
 
 
+def _cnn_model(argv: list[str]) -> bool:
+    """True for ``prune --model M`` with a CNN source (torchvision:NAME, a .pt file, a saved CNN directory)."""
+    from fastprune.cnn.io import is_cnn_source
+
+    if not argv or argv[0] != "prune":
+        return False
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            return is_cnn_source(argv[i + 1])
+        if a.startswith("--model="):
+            return is_cnn_source(a.partition("=")[2])
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _cnn_model(argv):  # CNNs have their own flags (fastprune.cnn.cli)
+        from fastprune.cnn.cli import run
+
+        args = argparse.Namespace(quiet="-q" in argv or "--quiet" in argv, command="prune")
+        command = lambda: run(argv)
+    else:
+        args = build_parser().parse_args(argv)
+        command = lambda: COMMANDS[args.command](args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        COMMANDS[args.command](args)
+        command()
     except FastpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -121,7 +121,8 @@ def prune(
     )
     layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
     if needs_all and not (grams is not None and grams.has(layers, layers)):
-        grams = collect_grams(adapter, batches, layers, layers)
+        with _timed(seconds, "statistics"):
+            grams = collect_grams(adapter, batches, layers, layers)
     if plan is None:
         torch.manual_seed(config.seed)
         with _timed(seconds, "score"):
@@ -130,7 +131,8 @@ def prune(
             plan = make_plan(scores, config, costs, budget)
         plan.info["calibration"] = windows.describe()
     if config.reconstruct and (grams is None or not grams.has(*layers_for_plan(plan))):
-        grams = grams_for_plan(adapter, batches, plan)
+        with _timed(seconds, "statistics"):
+            grams = grams_for_plan(adapter, batches, plan)
     pruned = _cut(model, plan, config, grams, inplace, seconds)
     if config.target_latency_ms is not None:
         pruned, plan = _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, seconds)
@@ -246,9 +248,10 @@ def _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, sec
 
 @contextmanager
 def _timed(seconds: dict[str, float], name: str):
+    """Add the wall time of the block to ``seconds[name]`` (a phase may run more than once)."""
     t0 = time.perf_counter()
     yield
-    seconds[name] = time.perf_counter() - t0
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def provenance(result: PruneResult, config: PruningConfig | None, source: str) -> dict:

@@ -75,7 +75,7 @@ def collect_grams(
     try:
         with torch.no_grad():
             for batch in batches_with_progress(batches, "reconstruction stats"):
-                adapter.model(input_ids=batch)
+                adapter.run_layers(batch)
     finally:
         for h in handles:
             h.remove()
@@ -91,8 +91,8 @@ def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
 def least_squares_weight(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
     """The weight over the ``keep`` columns that best reproduces ``weight``'s output on inputs with Gram ``gram``."""
     rhs = gram[keep] @ weight.detach().double().T  # [k, out]
-    solution = torch.linalg.solve(damped(gram[keep][:, keep], damping), rhs).T
-    return solution.to(weight.dtype)
+    factor = torch.linalg.cholesky(damped(gram[keep][:, keep], damping))  # the damped Gram is positive definite
+    return torch.cholesky_solve(rhs, factor).T.to(weight.dtype)
 
 
 def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:

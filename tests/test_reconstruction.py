@@ -63,6 +63,49 @@ def test_obs_order_is_the_greedy_least_squares_order(group):
     assert all(a <= b for a, b in itertools.pairwise(scores[order].tolist()))
 
 
+def reference_obs_scores(w, gram, group, block, damping):
+    """The greedy OBS order with the inverse Hessian updated in full after every removal (the textbook form)."""
+    n_groups = gram.shape[0] // group
+    w = w.double().clone()
+    hinv = torch.linalg.inv(gram + damping * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype))
+    alive, scores, level = torch.ones(n_groups, dtype=torch.bool), torch.zeros(n_groups, dtype=torch.float64), 0.0
+    while int(alive.sum()) > 1:
+        cost = torch.full((n_groups,), float("inf"), dtype=torch.float64)
+        live = alive.nonzero().flatten()
+        idx = live[:, None] * group + torch.arange(group)  # [live groups, group] columns
+        w_g = w[:, idx].permute(1, 0, 2)  # [live groups, out, group]
+        inv_blocks = torch.linalg.inv(hinv[idx[:, :, None], idx[:, None, :]])
+        cost[live] = torch.einsum("goi,gij,goj->g", w_g, inv_blocks, w_g)  # trace(w_g H^-1[g,g]^-1 w_g^T)
+        picked = torch.topk(cost, min(block, int(alive.sum()) - 1), largest=False).indices
+        for j in picked[torch.argsort(cost[picked])].tolist():
+            level = max(level * (1 + 1e-15), float(cost[j]))
+            scores[j] = level
+        cols = (picked[:, None] * group + torch.arange(group)).flatten()
+        m_inv = torch.linalg.inv(hinv[cols][:, cols])
+        w -= w[:, cols] @ m_inv @ hinv[cols]
+        hinv -= hinv[:, cols] @ m_inv @ hinv[cols]
+        alive[picked] = False
+    scores[alive] = level * 2
+    return scores
+
+
+OBS_CASES = [(37, 1, 8, 11), (50, 1, 3, 4), (9, 8, 1, 6), (6, 5, 2, 3)]  # groups, group size, block, outputs
+
+
+@pytest.mark.parametrize(("n_groups", "group", "block", "out"), OBS_CASES)
+def test_obs_low_rank_updates_give_the_order_of_full_updates(n_groups, group, block, out):
+    g = torch.Generator().manual_seed(n_groups * group)
+    n = n_groups * group
+    x = torch.randn(3 * n, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    x += torch.randn(3 * n, n, generator=g, dtype=torch.float64)  # correlated inputs: the refits matter
+    w = torch.randn(out, n, generator=g, dtype=torch.float64)
+    got = obs_group_scores(w, x.T @ x, group=group, block=block, damping=1e-3)
+    want = reference_obs_scores(w, x.T @ x, group, block, damping=1e-3)
+    assert torch.argsort(got).tolist() == torch.argsort(want).tolist()
+    removed = torch.argsort(want)[:-1]  # the last one's score is a stand-in in the reference
+    torch.testing.assert_close(got[removed], want[removed], rtol=1e-9, atol=0)
+
+
 def test_reconstruction_reduces_output_error_on_calibration_text():
     model = tiny_decoder(heads=6, kv_heads=2, layers=3, channels=48)
     adapter = adapter_for(model)
@@ -140,3 +183,27 @@ def test_grams_of_an_earlier_prune_are_reused_with_the_same_result(tokenizer, mo
     assert reused.plan.cuts == fresh.plan.cuts and reused.plan.info["reconstructed"]
     for a, b in zip(fresh.model.parameters(), reused.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_obs_on_smollm2_statistics_keeps_the_order_of_full_updates():
+    """The default prune's Gram matrices (SmolLM2, 32 x 256 tokens of pydoc:calibration): same removal order."""
+    from fastprune.models import load_source
+    from fastprune.pipeline import calibration_windows
+    from fastprune.reconstruction import collect_grams
+
+    loaded = load_source("smollm2")
+    adapter = adapter_for(loaded.model)
+    config = fastprune.PruningConfig()
+    windows = calibration_windows(loaded.tokenizer, "pydoc:calibration", config)
+    layers = [0, 14, 29]
+    grams = collect_grams(adapter, windows.batches(config.calibration.batch_size), layers, layers)
+    for i in layers:
+        for weight, gram, group, block in (
+            (adapter.attention(i).o.weight, grams.heads[i], adapter.head_dim, 1),
+            (adapter.mlp(i).output.weight, grams.channels[i], 1, 8),
+        ):
+            got = obs_group_scores(weight, gram, group, block, config.damping)
+            want = reference_obs_scores(weight, gram, group, block, config.damping)
+            assert torch.argsort(got).tolist() == torch.argsort(want).tolist(), f"layer {i}, group {group}"

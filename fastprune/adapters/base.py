@@ -130,6 +130,11 @@ class Adapter:
         """The calibration objective whose gradients and increases score units."""
         raise NotImplementedError
 
+    def run_layers(self, input_ids: torch.Tensor) -> None:
+        """Run the model through its last layer, skipping what follows (an LM head's logits): for statistics that
+        hooks on the layers collect."""
+        self.model(input_ids=input_ids)
+
     # -- derived --------------------------------------------------------------------------------------------
     def shape(self) -> ModelShape:
         """Current per-layer widths, read off the weights (so it is right for pruned models too)."""

@@ -66,6 +66,9 @@ class BertAdapter(Adapter):
             layer.attention.self.layer_idx = new_idx
         self.config.num_hidden_layers = len(keep)
 
+    def run_layers(self, input_ids: torch.Tensor) -> None:
+        self._bert(input_ids=input_ids)
+
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Masked-LM loss when the model has that head; otherwise an in-batch contrastive loss between the
         mean-pooled embeddings of each window's two halves (neighbouring spans of text are positives)."""

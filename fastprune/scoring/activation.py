@@ -64,7 +64,7 @@ def collect_input_stats(adapter: Adapter, batches: list[torch.Tensor]) -> InputS
     try:
         with torch.no_grad():
             for batch in batches_with_progress(batches, "activations"):
-                adapter.model(input_ids=batch)
+                adapter.run_layers(batch)
                 tokens += batch.numel()
     finally:
         for h in handles:

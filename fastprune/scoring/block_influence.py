@@ -29,7 +29,7 @@ def block_influence_scores(adapter: Adapter, batches: list[torch.Tensor]) -> Sco
     try:
         with torch.no_grad():
             for batch in batches_with_progress(batches, "block influence"):
-                adapter.model(input_ids=batch)
+                adapter.run_layers(batch)
     finally:
         for h in handles:
             h.remove()
