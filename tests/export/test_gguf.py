@@ -124,8 +124,18 @@ def test_transformers_reloads_model_and_tokenizer(model, tokenizer, tmp_path):
             loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"{qtype}.gguf", dtype=torch.float32)
             torch.testing.assert_close(loaded(ids).logits, expected, atol=atol, rtol=0)
     reloaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="f32.gguf")
-    assert reloaded(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
-    assert reloaded.eos_token == "<|im_end|>" and reloaded.bos_token == "<|im_start|>"
+    # Vocabulary and merges round-trip through transformers. The special tokens are checked in the file: how they
+    # are read back varies (transformers 5.0 ignores add_bos_token and takes BOS for EOS, in llama.cpp's own
+    # SmolLM2 file too).
+    ids = reloaded(TEXT, add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer(TEXT, add_special_tokens=False)["input_ids"] and len(set(ids)) > 20
+    from gguf import GGUFReader
+
+    fields = GGUFReader(tmp_path / "f32.gguf").fields
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id == 1
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id == 2
+    add_bos = fields["tokenizer.ggml.add_bos_token"].contents()
+    assert add_bos is (tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id)
 
 
 def test_sparse_models_are_written_with_their_masked_weights(model, tokenizer, tmp_path):
