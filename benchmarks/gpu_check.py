@@ -59,11 +59,13 @@ def environment() -> dict:
     except ImportError as exc:
         info["torch"] = f"not importable: {exc}"
         info["gpu"] = None
-    for module in ("transformers", "triton", "gguf"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("transformers", "triton", "gguf"):
         try:
-            info[module] = __import__(module).__version__
-        except ImportError:
-            info[module] = None
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
     try:
         out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
         info["nvcc"] = (re.findall(r"release [\d.]+", out) or ["?"])[0]
@@ -85,7 +87,12 @@ def plan(env: dict, dry_run: bool, scratch: Path) -> list[Step]:
             "build",
             [py, "setup.py", "build_ext", "--inplace", "-j", str(min(16, os.cpu_count() or 2))],
             480,
-            {"FASTPRUNE_STRICT_BUILD": "1", "FASTPRUNE_CUDA_ARCHS": arch, "MAX_JOBS": str(os.cpu_count() or 2)},
+            {
+                "FASTPRUNE_STRICT_BUILD": "1",
+                "FASTPRUNE_CUDA": "1",  # build the CUDA modules (setup.py's default builds them where a GPU is seen)
+                "FASTPRUNE_CUDA_ARCHS": arch,
+                "MAX_JOBS": str(os.cpu_count() or 2),
+            },
         ),
         Step(
             "tests (CUDA, Triton)",

@@ -70,7 +70,7 @@ def settings(args) -> tuple[study_models.StudySettings, dict]:
             prune_fractions=(0.25,),
             sparsify_criteria=("magnitude", "wanda"),
         )
-        layer = {"shape": study_layers.LLAMA3_8B.scaled(8), "prefill_tokens": 64, "context": 64, "rounds": 1}
+        layer = {"shape": study_layers.LLAMA3_8B.scaled(4), "prefill_tokens": 64, "context": 64, "rounds": 1}
     if args.gpu_rows:
         s = dataclasses.replace(s, sparsify_criteria=("wanda",), combined_criterion="wanda")
     if args.skip_quality:
@@ -113,6 +113,12 @@ def run_models(args, s, info, progress) -> tuple[list[dict], dict]:
     loaded = fastprune.load_source("smollm2")
     with study_models.make_workdir() as tmp:
         rows = study_models.build_rows(loaded, s, Path(tmp), progress)
+        for r in rows:
+            if "2:4" in r.kind:
+                r.masked_dense_diff = study_models.masked_dense_difference(r.model, loaded.tokenizer, s)
+                progress(
+                    f"{r.name}: logits vs the masked dense model, max |diff| / max |logit| {r.masked_dense_diff:.1e}"
+                )
         if args.device != "cpu":
             for r in rows:
                 if r.model is not None:

@@ -32,6 +32,8 @@ class LayerShape:
 
     def halved(self) -> LayerShape:
         """Half the heads, KV heads and channels: half the weights, as 2:4 keeps."""
+        if self.kv_heads % 2 or self.heads % 2 or self.channels % 2:
+            raise ValueError(f"{self} does not halve into whole heads, KV heads and channels")
         return LayerShape(self.hidden, self.channels // 2, self.heads // 2, self.kv_heads // 2, self.head_dim)
 
     def scaled(self, factor: int) -> LayerShape:

@@ -3,6 +3,7 @@ fastprune's API, then measure held-out perplexity, weights and, interleaved roun
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import statistics
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import torch
 
+import fastprune
 from fastprune.config import CalibrationConfig, PruningConfig
 from fastprune.data import read_text, token_windows
 from fastprune.evaluation import _weights_mb, decode_tokens_per_second, perplexity, prefill_seconds
 from fastprune.export import export_gguf
 from fastprune.pipeline import prune
-from fastprune.sparsity import SparsifyConfig, sparsify
+from fastprune.sparsity import SparsifyConfig, save_sparsified, sparsify
+from fastprune.sparsity.modules import densify
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Row:
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
     build_s: float = 0.0
     note: str = ""
+    masked_dense_diff: float | None = None  # 2:4 rows: max |logit difference| from the masked dense model / max |logit|
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
@@ -84,13 +88,15 @@ def build_rows(loaded, s: StudySettings, workdir: Path, progress=print) -> list[
     for criterion in s.sparsify_criteria:
         config = SparsifyConfig(criterion=criterion, calibration=s.calibration)
         result, sec = _timed(lambda c=config: sparsify(dense, c, "pydoc:calibration", tok))
-        rows.append(Row(f"2:4 ({criterion})", "2:4", _weights_mb(result.model), result.model, build_s=sec))
+        model = _saved_and_loaded(result, tok, config, workdir / f"2-4-{criterion}")
+        rows.append(Row(f"2:4 ({criterion})", "2:4", _weights_mb(model), model, build_s=sec, note=LOADED))
         progress(f"built 2:4 ({criterion}) in {sec:.0f} s")
     base = structured[min(structured)]
     config = SparsifyConfig(criterion=s.combined_criterion, calibration=s.calibration)
     result, sec = _timed(lambda: sparsify(base, config, "pydoc:calibration", tok))
+    model = _saved_and_loaded(result, tok, config, workdir / "structured-2-4")
     name = f"structured {min(structured):.0%} + 2:4 ({s.combined_criterion})"
-    rows.append(Row(name, "structured + 2:4", _weights_mb(result.model), result.model, build_s=sec))
+    rows.append(Row(name, "structured + 2:4", _weights_mb(model), model, build_s=sec, note=LOADED))
     progress(f"built {name} in {sec:.0f} s")
     for source_name, model in (("dense", dense), (f"structured {min(structured):.0%}", base)):
         for qtype in s.gguf_types:
@@ -101,6 +107,26 @@ def build_rows(loaded, s: StudySettings, workdir: Path, progress=print) -> list[
             )
             progress(f"exported {rows[-1].name} in {sec:.0f} s")
     return rows
+
+
+LOADED = "saved 2:4-compressed, loaded with fastprune.load (2:4 kernels)"
+
+
+def _saved_and_loaded(result, tokenizer, config: SparsifyConfig, path: Path) -> torch.nn.Module:
+    """The sparse model as users run it: written by ``save_sparsified`` and read back by ``fastprune.load``."""
+    save_sparsified(result, tokenizer, path, [], config, "smollm2")
+    return fastprune.load(path)
+
+
+def masked_dense_difference(model: torch.nn.Module, tokenizer, s: StudySettings) -> float:
+    """Largest |logit| difference between a 2:4 model on its kernels and the same model with masked dense
+    ``nn.Linear`` layers, over one held-out window, as a fraction of the largest |logit| (both sum in fp32, in
+    different orders)."""
+    w = token_windows(tokenizer, read_text(s.texts[0]), s.seq_len, 1, s.texts[0], "evaluation")
+    masked = densify(copy.deepcopy(model))
+    with torch.inference_mode():
+        got, expected = model(input_ids=w.ids).logits, masked(input_ids=w.ids).logits
+    return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
 def _gguf_weights_mb(path: Path) -> float:

@@ -42,6 +42,45 @@ def models_table(rows: list[dict], texts: list[str], batches: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bar_checks(data: dict) -> list[dict]:
+    """The issue's bar, checked against the measured rows (a check whose rows were not run is left out)."""
+    rows = {r["name"]: r for r in data.get("models", [])}
+    texts = data["settings"]["texts"] if rows else []
+    checks = []
+
+    def add(check: str, value: str, met: bool) -> None:
+        checks.append({"check": check, "value": value, "met": bool(met)})
+
+    dense, wanda = rows.get("dense"), rows.get("2:4 (wanda)")
+    if dense and wanda and wanda["decode_tokens_per_s"].get("1") and dense["decode_tokens_per_s"].get("1"):
+        ratio = wanda["decode_tokens_per_s"]["1"] / dense["decode_tokens_per_s"]["1"]
+        add("2:4 (wanda) decode at batch 1 >= 1.3x dense", f"{ratio:.2f}x", ratio >= 1.3)
+    if wanda and wanda.get("masked_dense_diff") is not None:
+        d = wanda["masked_dense_diff"]
+        add("2:4 (wanda) logits == masked dense model's (fp32, 1e-4 of the logits' scale)", f"{d:.1e}", d <= 1e-4)
+    order = [rows.get(f"2:4 ({c})") for c in ("sparsegpt", "wanda", "magnitude")]
+    for t in texts:
+        if all(r and r["perplexity"].get(t) for r in order):
+            v = [r["perplexity"][t] for r in order]
+            add(f"ppl {t}: sparsegpt < wanda < magnitude", " < ".join(f"{x:.2f}" for x in v), v[0] < v[1] < v[2])
+    pruned = next((r for n, r in rows.items() if r["kind"] == "structured" and n.startswith("structured 25%")), None)
+    for n, r in rows.items():
+        if pruned is None or r["kind"] != "gguf" or not n.startswith("structured 25%"):
+            continue
+        limit = 0.02 if "Q8" in n else 0.15
+        for t in texts:
+            if r["perplexity"].get(t) and pruned["perplexity"].get(t):
+                change = r["perplexity"][t] / pruned["perplexity"][t] - 1
+                add(f"{n}: ppl {t} within {limit:.0%} of unquantized", f"{change:+.1%}", abs(change) <= limit)
+    return checks
+
+
+def bar_table(checks: list[dict]) -> str:
+    lines = ["| check | measured | met |", "|---|---|---|"]
+    lines += [f"| {c['check']} | {c['value']} | {'yes' if c['met'] else 'no'} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
 def layers_table(rows: list[dict]) -> str:
     head = [
         "dtype",
@@ -68,6 +107,8 @@ def write(out: Path, stem: str, data: dict) -> list[Path]:
     """Write the JSON, the markdown and (when there are model rows) the scatter plot; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    if data.get("models"):
+        data = {**data, "bar": bar_checks(data)}
     paths[0].write_text(json.dumps(data, indent=1) + "\n")
     paths[1].write_text(markdown(data, f"{stem}.png"))
     if data.get("models"):
@@ -87,12 +128,15 @@ def markdown(data: dict, png: str) -> str:
             f"Perplexity: {s['windows']} windows of {s['seq_len']} tokens per text. Prefill: {s['prefill_tokens']} "
             f"tokens at batch 1. Decode: {s['decode_tokens']} new tokens after a 32-token prompt, tokens per second "
             f"over the batch. Latencies: medians of {s['rounds']} rounds, every model measured in each round. "
-            f"Ratios are against the dense model. GGUF rows were reloaded with transformers (gguf_file=), which "
-            f"dequantizes to float32: their perplexity is the quantized model's, but transformers cannot run them "
-            f"quantized, so their speed is llama.cpp's to measure and is not given.\n\n"
+            f"Ratios are against the dense model. 2:4 rows were saved 2:4-compressed and loaded back with "
+            f"fastprune.load, so their layers run fastprune's 2:4 kernels. GGUF rows were reloaded with transformers "
+            f"(gguf_file=), which dequantizes to float32: their perplexity is the quantized model's, but transformers "
+            f"cannot run them quantized, so their speed is llama.cpp's to measure and is not given.\n\n"
         )
         parts.append(models_table(data["models"], list(s["texts"]), list(s["decode_batches"])))
         parts.append(f"\n![perplexity against decode speed and weights]({png})\n")
+        if data.get("bar"):
+            parts.append("\n### The issue's bar\n\n" + bar_table(data["bar"]))
     if data.get("layers"):
         lay = data["layers_info"]
         parts.append(

@@ -104,3 +104,42 @@ def test_gpu_check_steps_use_options_the_study_has(tmp_path):
             if step.command[1:3] == ["-m", "pytest"]:
                 files = [a for a in step.command if a.startswith(("tests/", "benchmarks/"))]
                 assert files and all((BENCHMARKS.parent / f).exists() for f in files)
+
+
+def _row(name, kind, ppl, decode=None, diff=None):
+    return {
+        "name": name,
+        "kind": kind,
+        "perplexity": ppl,
+        "decode_tokens_per_s": decode or {},
+        "masked_dense_diff": diff,
+    }
+
+
+def test_bar_checks_follow_the_numbers():
+    rows = [
+        _row("dense", "dense", {"a": 10.0, "b": 20.0}, {"1": 20.0}),
+        _row("structured 25% (obs)", "structured", {"a": 12.0, "b": 30.0}, {"1": 24.0}),
+        _row("2:4 (magnitude)", "2:4", {"a": 40.0, "b": 90.0}, {"1": 27.0}),
+        _row("2:4 (wanda)", "2:4", {"a": 20.0, "b": 95.0}, {"1": 26.0}, diff=3e-5),
+        _row("2:4 (sparsegpt)", "2:4", {"a": 15.0, "b": 50.0}, {"1": 25.0}),
+        _row("structured 25% GGUF Q8_0", "gguf", {"a": 12.3, "b": 30.3}),
+        _row("structured 25% GGUF Q4_0", "gguf", {"a": 13.7, "b": 35.0}),
+        _row("dense GGUF Q4_0", "gguf", {"a": 99.0, "b": 99.0}),  # not a row of the bar
+    ]
+    checks = {
+        c["check"]: (c["value"], c["met"])
+        for c in study_report.bar_checks({"models": rows, "settings": {"texts": ["a", "b"]}})
+    }
+    assert checks == {
+        "2:4 (wanda) decode at batch 1 >= 1.3x dense": ("1.30x", True),
+        "2:4 (wanda) logits == masked dense model's (fp32, 1e-4 of the logits' scale)": ("3.0e-05", True),
+        "ppl a: sparsegpt < wanda < magnitude": ("15.00 < 20.00 < 40.00", True),
+        "ppl b: sparsegpt < wanda < magnitude": ("50.00 < 95.00 < 90.00", False),
+        "structured 25% GGUF Q8_0: ppl a within 2% of unquantized": ("+2.5%", False),
+        "structured 25% GGUF Q8_0: ppl b within 2% of unquantized": ("+1.0%", True),
+        "structured 25% GGUF Q4_0: ppl a within 15% of unquantized": ("+14.2%", True),
+        "structured 25% GGUF Q4_0: ppl b within 15% of unquantized": ("+16.7%", False),
+    }
+    table = study_report.bar_table(study_report.bar_checks({"models": rows[:1], "settings": {"texts": ["a"]}}))
+    assert table.count("\n") == 2  # the header only: nothing to check without the 2:4 and GGUF rows
