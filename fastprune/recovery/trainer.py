@@ -478,8 +478,11 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
         getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
     else:
         getattr(model, f"{prefix}_checkpointing_disable")()
-        if prefix == "activation":  # its enable also hooked the input embeddings to require grad; undo that
+        # Some releases' enable also hooks the input embeddings to require grad (5.0 and the activation_* ones):
+        # undo that, or inference after recovery would build autograd graphs.
+        if getattr(model, "_require_grads_hook", None) is not None:
             model.disable_input_require_grads()
+            model._require_grads_hook = None
 
 
 @contextmanager

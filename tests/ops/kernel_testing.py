@@ -25,7 +25,9 @@ def run_tests_in_subprocess(test_file: str, selection: str, **env: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
         env={**os.environ, **env},
-        cwd=Path(__file__).parents[2],
+        # Not the repository root: `-m pytest` puts the working directory first on sys.path, and there the source
+        # tree's fastprune (without the installed fastprune.kernels) would shadow a non-editable install.
+        cwd=Path(test_file).parent,
         capture_output=True,
         text=True,
     )
