@@ -152,13 +152,20 @@ def _benchmarks() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("bench_*.py")]
 
 
+def _environment(step: Step) -> dict[str, str]:
+    """The step's variables over this process's, with this tree first on the path: the scripts import the
+    fastprune they sit in, whatever fastprune (if any) the Python has installed."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **step.env}
+
+
 def run(step: Step) -> None:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
             step.command,
             cwd=ROOT,
-            env={**os.environ, **step.env},
+            env=_environment(step),
             capture_output=True,
             text=True,
             timeout=step.timeout_s,

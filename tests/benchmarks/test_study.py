@@ -1,6 +1,7 @@
 """The study's pieces that run in seconds: the layer benchmark's layer against a direct computation, its
 speedups and bound, the report tables, and gpu-check's commands against the study's own options."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def test_gpu_check_steps_use_options_the_study_has(tmp_path):
         for step in gpu_check.plan(env, dry_run, tmp_path):
             if step.command[1] == "benchmarks/study.py":
                 study.parse_args(step.command[2:])  # exits on an unknown option
+            env = gpu_check._environment(step)
+            assert env["PYTHONPATH"].split(os.pathsep)[0] == str(BENCHMARKS.parent)  # this tree's fastprune first
+            assert all(env[k] == v for k, v in step.env.items())
             if step.command[1:3] == ["-m", "pytest"]:
                 files = [a for a in step.command if a.startswith(("tests/", "benchmarks/"))]
                 assert files and all((BENCHMARKS.parent / f).exists() for f in files)
