@@ -27,13 +27,13 @@ from fastprune.sparsity.modules import densify
 @dataclass
 class StudySettings:
     texts: tuple[str, ...] = ("pydoc:heldout", "licenses")
-    windows: int = 8  # perplexity windows of seq_len tokens per text
+    windows: int = 4  # perplexity windows of seq_len tokens per text
     seq_len: int = 512
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     prune_fractions: tuple[float, ...] = (0.25, 0.5)
     sparsify_criteria: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
     combined_criterion: str = "sparsegpt"  # 2:4 on top of the 25% structured model
-    gguf_types: tuple[str, ...] = ("q8_0", "q4_1", "q4_0")
+    gguf_types: tuple[str, ...] = ("q8_0", "q4_0")
     prefill_tokens: int = 512
     decode_tokens: int = 32
     decode_batches: tuple[int, ...] = (1, 8)
