@@ -112,8 +112,8 @@ compare: $(STAMP)
 	$(PIP) install --quiet "torch-pruning==1.6.1" "$(TORCH_SPEC)"
 	$(PY) benchmarks/compare_peers.py
 
-# Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (about 20
-# minutes on 2 cores): writes benchmarks/results/study-<machine>.{md,json,png}.
+# Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (34
+# minutes on 2 loaded cores): writes benchmarks/results/study-<machine>.{md,json,png}.
 study: $(STAMP)
 	$(PY) benchmarks/study.py
 

@@ -108,6 +108,7 @@ def test_gpu_check_steps_use_options_the_study_has(tmp_path):
             if step.command[1:3] == ["-m", "pytest"]:
                 files = [a for a in step.command if a.startswith(("tests/", "benchmarks/"))]
                 assert files and all((BENCHMARKS.parent / f).exists() for f in files)
+                assert "benchmarks/bench_cnn.py" not in files  # a script, not a pytest-benchmark file
 
 
 def _row(name, kind, ppl, decode=None, diff=None):
