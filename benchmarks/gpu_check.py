@@ -143,7 +143,7 @@ def plan(env: dict, dry_run: bool, scratch: Path) -> list[Step]:
                 "cuda",
                 "--suffix=-models",
             ],
-            240,
+            360,  # it builds the structured and 2:4 models on the CPU first
         ),
     ]
 
