@@ -7,7 +7,8 @@ DEMO_OUT ?= runs/demo-smollm2
 # The CPU build of torch, installed from the local file; an unpinned torch would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo demo-cnn test check-install test-transformers test-all test-vision bench bench-cnn compare rehearsal lint format clean
+.PHONY: demo demo-cnn test check-install test-transformers test-all test-vision bench bench-cnn compare study gpu-check \
+	rehearsal lint format clean
 
 BASE := $(VENV)/.fastprune-base
 WHEEL_DIR := dist
@@ -115,6 +116,18 @@ compare: $(STAMP)
 # time per layer, projections for 8B and 70B; writes benchmarks/results/rehearsal-3b.{md,json}.
 rehearsal: $(STAMP)
 	$(PY) benchmarks/rehearsal.py
+
+# Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (34
+# minutes on 2 loaded cores): writes benchmarks/results/study-<machine>.{md,json,png}.
+study: $(STAMP)
+	$(PY) benchmarks/study.py
+
+# On a GPU machine, with that machine's own Python (its torch + CUDA and transformers; nothing is downloaded): builds
+# the CUDA extension, runs the CUDA and Triton tests, the kernel benchmarks and the study's GPU rows, and writes the
+# results under the GPU's name (about 8 minutes on one H100/H200). Without a GPU it runs as --dry-run.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastprune kernels tests benchmarks

@@ -1,4 +1,5 @@
-"""Command line: ``fastprune prune | score | plan | apply | eval``. Parsing and printing only; the API does the work."""
+"""Command line: ``fastprune prune | score | plan | apply | eval | sparsify | export``. Parsing and printing only;
+the API does the work."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def _parse_value(f: dataclasses.Field, text: str):
         raise ConfigError(f"--{f.name.replace('_', '-')} expects a number; got {text!r}") from exc
 
 
-def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
+def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True, recovery: bool = True) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument(
         "--calibration",
@@ -117,7 +118,8 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True) -> None:
     g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
-    g.add_argument("--recovery-samples", type=int, default=256, help="windows recovery trains on (default 256)")
+    if recovery:
+        g.add_argument("--recovery-samples", type=int, default=256, help="windows recovery trains on (default 256)")
     if not scoring:
         return
     g.add_argument("--criterion", choices=CRITERIA, default="obs", help="importance criterion (default obs)")
@@ -321,6 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "the analysis directory")
 
     p = sub.add_parser(
+        "sparsify",
+        help="make every block linear 2:4-sparse (magnitude, wanda or sparsegpt) and save it",
+        description="2:4 semi-structured sparsity on the linear layers of every decoder/encoder block: 2 of every "
+        "4 consecutive input weights kept. The output loads with fastprune.load (2:4 kernels), with "
+        "from_pretrained(..., trust_remote_code=True) without fastprune, or (--save-dense) as a plain checkpoint.",
+    )
+    _add_model(p)
+    _add_sparsify(p)
+    _add_eval(p)
+    _add_output(p, "the sparse model directory")
+
+    p = sub.add_parser(
+        "export",
+        help="write a dense, pruned or sparsified model to GGUF (f16, q8_0, q4_0, ...)",
+        description="Export a Llama model (dense, structured-pruned with uniform widths, or 2:4-sparse, written "
+        "with its masked weights) to a GGUF file that transformers (gguf_file=) and llama.cpp load.",
+    )
+    _add_model(p)
+    _add_export(p)
+    p.add_argument("--out", required=True, type=Path, help="the .gguf file (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    p = sub.add_parser(
         "eval",
         help="measure one model, or several side by side",
         description="Perplexity, parameters, prefill latency and decode speed; the first model is the reference.",
@@ -329,6 +354,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(p, default_on=False)
     p.add_argument("--report", type=Path, help="also write report.json and report.md into this directory")
     return parser
+
+
+def _add_sparsify(p: argparse.ArgumentParser) -> None:
+    from fastprune.sparsity.config import DEFAULT_SPARSEGPT_DAMPING, SPARSIFY_CRITERIA
+
+    _add_calibration(p, scoring=False, recovery=False)
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--pattern", default="2:4", help="N:M pattern; fastprune's kernels implement 2:4 (default)")
+    g.add_argument(
+        "--criterion",
+        choices=SPARSIFY_CRITERIA,
+        default="wanda",
+        help="which 2 of 4 weights stay: magnitude (|W|), wanda (|W| * input norm; default) or sparsegpt (OBS "
+        "choice and update of the kept weights); wanda and sparsegpt calibrate layer after layer",
+    )
+    g.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated module names or parts to leave dense, e.g. layers.0,down_proj (the embeddings and "
+        "lm_head are never sparsified)",
+    )
+    g.add_argument(
+        "--damping",
+        type=float,
+        default=DEFAULT_SPARSEGPT_DAMPING,
+        help=f"sparsegpt's ridge, relative to the mean diagonal of X^T X (default {DEFAULT_SPARSEGPT_DAMPING})",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument(
+        "--save-dense",
+        action="store_true",
+        help="save the masked weights as a plain dense checkpoint (for tools that know no 2:4) instead of compressed",
+    )
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    from fastprune.export import EXPORT_FORMATS, GGUF_TYPES
+
+    p.add_argument("--to", choices=EXPORT_FORMATS, default="gguf", help="output format (gguf)")
+    p.add_argument(
+        "--type",
+        choices=list(GGUF_TYPES),
+        default="f16",
+        help="tensor type of the weight matrices (default f16); 4- and 5-bit types keep the embeddings in q8_0 and "
+        "matrices whose rows do not split into 32-element blocks in f16; norms stay f32",
+    )
 
 
 def _pruning_config(args, calibration: bool = True) -> PruningConfig:
@@ -528,6 +599,41 @@ def _cmd_recover(args) -> None:
     print(f"saved to {args.out}")
 
 
+def _cmd_sparsify(args) -> None:
+    from fastprune.io import check_output_dir
+    from fastprune.models import load_source
+    from fastprune.sparsity import SparsifyConfig, save_sparsified, sparsify
+
+    config = SparsifyConfig(
+        pattern=args.pattern,
+        criterion=args.criterion,
+        skip=tuple(args.skip.split(",")),
+        damping=args.damping,
+        seed=args.seed,
+        calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
+    )
+    loaded = load_source(args.model)
+    check_output_dir(args.out, list(loaded.inputs), args.overwrite)  # fail before minutes of work
+    eval_config = None if args.no_eval else _eval_config(args)
+    result = sparsify(loaded.model, config, args.calibration, loaded.tokenizer, eval_config)
+    out = save_sparsified(
+        result, loaded.tokenizer, args.out, list(loaded.inputs), config, loaded.name, args.save_dense, args.overwrite
+    )
+    print(f"made {len(result.modules)} linear layers 2:4-sparse ({config.criterion}), left {len(result.skipped)} dense")
+    if result.report is not None:
+        print(result.report.to_markdown())
+    print(f"saved to {out}")
+
+
+def _cmd_export(args) -> None:
+    from fastprune.export import export_gguf
+    from fastprune.models import load_source
+
+    loaded = load_source(args.model)
+    out = export_gguf(loaded.model, loaded.tokenizer, args.out, args.type, list(loaded.inputs), args.overwrite)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+
+
 def _print_summary(plan) -> None:
     c = plan.counts()
     info = plan.info
@@ -685,6 +791,8 @@ COMMANDS = {
     "plan": _cmd_plan,
     "apply": _cmd_apply,
     "eval": _cmd_eval,
+    "sparsify": _cmd_sparsify,
+    "export": _cmd_export,
 }
 
 

@@ -35,3 +35,7 @@ class PlanError(FastpruneError, ValueError):
 
 class OutputError(FastpruneError):
     """The output location is unsafe (exists, or lies inside the input model)."""
+
+
+class ExportError(FastpruneError):
+    """The model cannot be written in the requested format (architecture, per-layer widths, tokenizer)."""

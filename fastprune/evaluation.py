@@ -158,24 +158,41 @@ def sentence_embeddings(model, windows: TokenWindows, batch_size: int) -> torch.
 
 def prefill_seconds(model, tokens: int, vocab_size: int) -> float:
     """Wall time of one forward pass over ``tokens`` tokens at batch 1 (what a prompt costs before decoding)."""
-    ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(_device(model))
     with torch.inference_mode():
+        _sync(ids.device)
         t0 = time.perf_counter()
         model(input_ids=ids)
+        _sync(ids.device)
         return time.perf_counter() - t0
 
 
-def decode_tokens_per_second(model, new_tokens: int, vocab_size: int, prompt_tokens: int = 32) -> float:
-    """Greedy generation speed with the KV cache, prompt processing excluded."""
-    ids = torch.randint(0, vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+def decode_tokens_per_second(model, new_tokens: int, vocab_size: int, prompt_tokens: int = 32, batch: int = 1) -> float:
+    """Greedy generation speed with the KV cache, prompt processing excluded: tokens generated per second over all
+    ``batch`` sequences."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=gen).to(_device(model))
     kwargs = {"do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
+        _sync(ids.device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        _sync(ids.device)
         t1 = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
+        _sync(ids.device)
         t2 = time.perf_counter()
-    return new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
+    return batch * new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall times include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _kv_cache_mb(adapter, tokens: int) -> float:
@@ -185,11 +202,16 @@ def _kv_cache_mb(adapter, tokens: int) -> float:
 
 
 def _weights_mb(model) -> float:
+    """Parameters (tied ones once) and saved buffers, such as the positions of 2:4 layers' kept weights."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
     return total / 2**20
 
 

@@ -20,7 +20,7 @@ import torch
 from fastprune.adapters import adapter_class
 from fastprune.errors import ModelNotFoundError, OutputError
 from fastprune.remote import modeling_fastprune
-from fastprune.remote.modeling_fastprune import PER_LAYER_SUFFIX, REMOTE_CLASSES, REMOTE_MODULE
+from fastprune.remote.modeling_fastprune import PER_LAYER_SUFFIX, REMOTE_CLASSES, REMOTE_MODULE, SPARSE24_KEY
 
 INFO_FILE = "fastprune.json"
 PLAN_FILE = "plan.json"
@@ -108,11 +108,12 @@ def has_per_layer_widths(config) -> bool:
 
 
 def model_class(config):
-    """The class that loads this config: fastprune's modeling class for per-layer widths, else the Auto class."""
+    """The class that loads this config: fastprune's modeling class for per-layer widths or 2:4 layers, else the
+    Auto class."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     adapter = adapter_class(config.model_type)
-    if has_per_layer_widths(config):
+    if has_per_layer_widths(config) or getattr(config, SPARSE24_KEY, None):
         names = REMOTE_CLASSES[config.model_type]
         return getattr(modeling_fastprune, next(iter(names.values())))
     if adapter.causal:
@@ -123,15 +124,18 @@ def model_class(config):
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a model directory (plain or fastprune-pruned with per-layer widths); no remote code is executed."""
+    """Load a model directory (plain, fastprune-pruned with per-layer widths, or 2:4-sparse: its layers then run
+    fastprune's 2:4 kernels); no remote code is executed."""
     from transformers import AutoConfig
+
+    from fastprune.sparsity.modules import use_kernels
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"no model at {path}: expected a directory with config.json and weights")
     config = AutoConfig.from_pretrained(path)
     model = model_class(config).from_pretrained(path, config=config, dtype=dtype)
-    return model.to(device).eval()
+    return use_kernels(model).to(device).eval()
 
 
 def read_info(path: str | Path) -> dict | None:

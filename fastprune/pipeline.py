@@ -23,6 +23,7 @@ from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
 from fastprune.latency import latency_budget, measure_ms
 from fastprune.models import cache_dir
+from fastprune.ops import Sparse24Linear
 from fastprune.planning import Plan, check_feasible, make_plan
 from fastprune.reconstruction import (
     MIN_TOKENS_PER_INPUT,
@@ -100,6 +101,8 @@ def prune(
     if inplace and (evaluation is not None or config.target_latency_ms is not None):
         raise ConfigError("evaluation and latency targets need the original model, which inplace=True overwrites")
     seconds: dict[str, float] = {}
+    if any(isinstance(m, Sparse24Linear) for m in model.modules()):
+        raise ConfigError("this model is 2:4-sparse; prune the dense model first, then sparsify the pruned one")
     adapter = adapter_for(model)
     costs = adapter.param_costs()
     scores, windows, budget = None, None, None

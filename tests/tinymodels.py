@@ -31,18 +31,21 @@ def tiny_decoder(
     channels: int = 44,
     seed: int = 0,
     tie: bool = True,
+    vocab: int = VOCAB,
+    hidden: int = 72,
+    head_dim: int = 8,
     **extra,
 ) -> torch.nn.Module:
     """A randomly initialised Llama-family decoder small enough to run in milliseconds."""
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=VOCAB,
-        hidden_size=72,
+        vocab_size=vocab,
+        hidden_size=hidden,
         intermediate_size=channels,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         **extra,
@@ -94,6 +97,28 @@ def byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def bpe_tokenizer(vocab: int = 300):
+    """A byte-level BPE tokenizer with merges learnt from Python's docs (GGUF vocabularies need merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastprune.data import read_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([read_text("pydoc:calibration")[:200_000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
     )
 
 

@@ -49,6 +49,14 @@ std::atomic<int> g_isa{detect_isa()};
 
 int64_t meta_cols(int64_t in) { return (in / 4 + 1) / 2; }
 
+// Rows per parallel chunk: at least `min_elements` weights of `in` per row, and 16 rows. Waking a second thread
+// costs microseconds (far more on a loaded machine, where a descheduled thread stalls the parallel region), so a
+// small matrix (a sparsegpt group [rows, 4], a SmolLM2 k_proj) runs on one thread.
+int64_t grain_rows(int64_t in, int64_t min_elements) {
+  return std::max<int64_t>(16, min_elements / std::max<int64_t>(in, 1));
+}
+constexpr int64_t kSelectGrain = 1 << 16;  // weights per chunk for mask / compress / decompress
+
 // ---------------------------------------------------------------- selection
 
 // Scores as int32 keys in the selection order: numbers ascending with -0 == +0, every NaN above +inf.
@@ -186,7 +194,7 @@ Tensor sparse24_mask(const Tensor& weight, const std::optional<Tensor>& score,
   Tensor mask = at::empty({out, in}, weight.options().dtype(at::kBool));
   bool* m = mask.data_ptr<bool>();
   const float* act = s.act.defined() ? s.act.const_data_ptr<float>() : nullptr;
-  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, out, grain_rows(in, kSelectGrain), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(in);
     for (int64_t r = r0; r < r1; ++r) {
       row_scores(s.weight, s.score, act, r, in, buf.data());
@@ -234,7 +242,8 @@ std::tuple<Tensor, Tensor> sparse24_compress(const Tensor& weight, const std::op
     using scalar_t = decltype(tag);
     scalar_t* v = values.data_ptr<scalar_t>();
     uint8_t* m = meta.data_ptr<uint8_t>();
-    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) { compress_rows<scalar_t>(s, act, r0, r1, in, v, m); });
+    at::parallel_for(0, out, grain_rows(in, kSelectGrain),
+                     [&](int64_t r0, int64_t r1) { compress_rows<scalar_t>(s, act, r0, r1, in, v, m); });
   });
   return {values, meta};
 }
@@ -249,7 +258,7 @@ Tensor sparse24_decompress(const Tensor& values_in, const Tensor& meta_in) {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     const uint8_t* m = meta.const_data_ptr<uint8_t>();
     scalar_t* d = dense.data_ptr<scalar_t>();
-    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, out, grain_rows(in, kSelectGrain), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t g = 0; g < in / 4; ++g) {
           const uint8_t nib = group_nibble(m + r * mcols, g);
@@ -276,7 +285,8 @@ struct Problem {
 };
 
 template <typename scalar_t>
-float dot_group_tail(const scalar_t* v, const uint8_t* m, const float* x, int64_t g0, int64_t g1) {
+inline __attribute__((always_inline)) float dot_group_tail(const scalar_t* v, const uint8_t* m, const float* x,
+                                                           int64_t g0, int64_t g1) {
   float acc = 0.f;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t nib = group_nibble(m, g);
@@ -332,7 +342,8 @@ __attribute__((target("avx512f"), always_inline)) inline void gemv_step_avx512(
 // permute picks the kept ones; the NR rows share those x loads, which matters once x outgrows L1. U sets of
 // sums keep at least 4 FMA chains in flight (one chain waits on the FMA latency every step).
 template <typename scalar_t, int NR, int NT>
-__attribute__((target("avx512f"))) void dot_rows_avx512(const scalar_t* v, int64_t vstride, const uint8_t* m,
+__attribute__((target("avx512f"), always_inline)) inline void dot_rows_avx512(const scalar_t* v, int64_t vstride,
+                                                                               const uint8_t* m,
                                                        int64_t mstride, const float* x, int64_t xstride,
                                                        int64_t in, float* out) {
   constexpr int U = NR * NT >= 4 ? 1 : 4 / (NR * NT);
@@ -374,7 +385,8 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum8(__m256 v) {
 
 // As dot_rows_avx512 with 8 kept values per step: AVX2 permutes one register, so two permutes and a blend.
 template <typename scalar_t, int NR, int NT>
-__attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const scalar_t* v, int64_t vstride, const uint8_t* m,
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void dot_rows_avx2(const scalar_t* v, int64_t vstride,
+                                                                                   const uint8_t* m,
                                                            int64_t mstride, const float* x, int64_t xstride,
                                                            int64_t in, float* out) {
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -405,52 +417,87 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const scalar_t* v, i
           hsum8(acc[r][t]) + dot_group_tail(v + r * vstride, m + r * mstride, x + t * xstride, chunks * 4, in / 4);
 }
 
-template <typename scalar_t, int NR, int NT>
-void dot_rows(int isa, const Problem<scalar_t>& p, int64_t r, const float* x, float* out) {
-  const scalar_t* v = p.values + r * (p.in / 2);
-  const uint8_t* m = p.meta + r * p.mcols;
-  if (isa == kAvx512) return dot_rows_avx512<scalar_t, NR, NT>(v, p.in / 2, m, p.mcols, x, p.in, p.in, out);
-  if (isa == kAvx2) return dot_rows_avx2<scalar_t, NR, NT>(v, p.in / 2, m, p.mcols, x, p.in, p.in, out);
-  for (int i = 0; i < NR; ++i)
-    for (int t = 0; t < NT; ++t)
-      out[i * NT + t] = dot_group_tail(v + i * (p.in / 2), m + i * p.mcols, x + t * p.in, 0, p.in / 4);
-}
-
-template <typename scalar_t, int NR>
-void dot_rows_tokens(int isa, const Problem<scalar_t>& p, int64_t r, const float* x, int64_t nt, float* out) {
-  switch (nt) {
-    case 4: return dot_rows<scalar_t, NR, 4>(isa, p, r, x, out);
-    case 3: return dot_rows<scalar_t, NR, 3>(isa, p, r, x, out);
-    case 2: return dot_rows<scalar_t, NR, 2>(isa, p, r, x, out);
-    default: return dot_rows<scalar_t, NR, 1>(isa, p, r, x, out);
-  }
-}
-
 // Rows per step once the tokens' x (fp32) outgrows L1: the rows then share each x load. While x fits L1, one
 // row at a time is faster (fewer concurrent streams): measured on the benchmark CPU, 4096x11008 bf16 GEMV
 // 2.9 -> 1.9 ms with 4 rows, 4096x4096 0.47 -> 0.55 ms.
 constexpr int64_t kGemvRows = 4;
 constexpr int64_t kGemvL1Bytes = 24 * 1024;
 
+// Short rows also go 4 at a time: a row's fixed costs (its 4 sums reduced, the tail, the store) weigh on 18
+// steps of a 576-wide row as much as the steps themselves.
+constexpr int64_t kGemvShortRow = 1024;
+
+template <typename scalar_t>
+bool gemv_shares_x(const Problem<scalar_t>& p) {
+  return p.in <= kGemvShortRow ||
+         p.in * static_cast<int64_t>(sizeof(float)) * std::min<int64_t>(p.tokens, 4) > kGemvL1Bytes;
+}
+
+// y for rows [r, r + nr) and tokens [t0, t0 + nt) from their dot products acc[row][token] (+ bias).
+template <typename scalar_t>
+inline __attribute__((always_inline)) void store_rows(const Problem<scalar_t>& p, int64_t r, int64_t nr, int64_t t0,
+                                                      int64_t nt, const float* acc) {
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t t = 0; t < nt; ++t)
+      p.y[(t0 + t) * p.out + r + i] = static_cast<scalar_t>(acc[i * nt + t] + (p.bias ? p.bias[r + i] : 0.f));
+}
+
+// The row loops, one function per ISA with its dot products inlined: on SmolLM2-sized rows (576 inputs, 18
+// steps of 16 kept values) a call into the SIMD code per row, and back out for the tail, cost more than the row
+// (perf put three quarters of a 576x576 GEMV on the instructions around those calls).
+#define FASTPRUNE_GEMV_ROWS(NAME, TARGET, DOT)                                                                  \
+  template <typename scalar_t>                                                                                \
+  TARGET void NAME(const Problem<scalar_t>& p, int64_t r0, int64_t r1) {                                      \
+    const bool share_x = gemv_shares_x(p);                                                                    \
+    const int64_t vs = p.in / 2, ms = p.mcols;                                                                \
+    float acc[kGemvRows * 4];                                                                                 \
+    for (int64_t r = r0; r < r1;) {                                                                           \
+      const int64_t nr = share_x && r + kGemvRows <= r1 ? kGemvRows : 1;                                      \
+      const scalar_t* v = p.values + r * vs;                                                                  \
+      const uint8_t* m = p.meta + r * ms;                                                                     \
+      for (int64_t t0 = 0; t0 < p.tokens; t0 += 4) {                                                          \
+        const int64_t nt = std::min<int64_t>(4, p.tokens - t0);                                               \
+        const float* x = p.x + t0 * p.in;                                                                     \
+        if (nr == kGemvRows) {                                                                                \
+          switch (nt) {                                                                                       \
+            case 4: DOT<scalar_t, kGemvRows, 4>(v, vs, m, ms, x, p.in, p.in, acc); break;                     \
+            case 3: DOT<scalar_t, kGemvRows, 3>(v, vs, m, ms, x, p.in, p.in, acc); break;                     \
+            case 2: DOT<scalar_t, kGemvRows, 2>(v, vs, m, ms, x, p.in, p.in, acc); break;                     \
+            default: DOT<scalar_t, kGemvRows, 1>(v, vs, m, ms, x, p.in, p.in, acc);                          \
+          }                                                                                                   \
+        } else {                                                                                              \
+          switch (nt) {                                                                                       \
+            case 4: DOT<scalar_t, 1, 4>(v, vs, m, ms, x, p.in, p.in, acc); break;                             \
+            case 3: DOT<scalar_t, 1, 3>(v, vs, m, ms, x, p.in, p.in, acc); break;                             \
+            case 2: DOT<scalar_t, 1, 2>(v, vs, m, ms, x, p.in, p.in, acc); break;                             \
+            default: DOT<scalar_t, 1, 1>(v, vs, m, ms, x, p.in, p.in, acc);                                   \
+          }                                                                                                   \
+        }                                                                                                     \
+        store_rows(p, r, nr, t0, nt, acc);                                                                    \
+      }                                                                                                       \
+      r += nr;                                                                                                \
+    }                                                                                                         \
+  }
+
+FASTPRUNE_GEMV_ROWS(gemv_rows_avx512, __attribute__((target("avx512f"))), dot_rows_avx512)
+FASTPRUNE_GEMV_ROWS(gemv_rows_avx2, __attribute__((target("avx2,fma,f16c"))), dot_rows_avx2)
+#undef FASTPRUNE_GEMV_ROWS
+
+template <typename scalar_t>
+void gemv_rows_scalar(const Problem<scalar_t>& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t t = 0; t < p.tokens; ++t) {
+      const float dot = dot_group_tail(p.values + r * (p.in / 2), p.meta + r * p.mcols, p.x + t * p.in, 0, p.in / 4);
+      store_rows(p, r, 1, t, 1, &dot);
+    }
+}
+
 // Rows [r0, r1) for every token (up to 4 tokens per pass over the rows' weights).
 template <typename scalar_t>
 void gemv_rows(const Problem<scalar_t>& p, int isa, int64_t r0, int64_t r1) {
-  const bool share_x = p.in * static_cast<int64_t>(sizeof(float)) * std::min<int64_t>(p.tokens, 4) > kGemvL1Bytes;
-  float acc[kGemvRows * 4];
-  for (int64_t r = r0; r < r1;) {
-    const int64_t nr = share_x && r + kGemvRows <= r1 ? kGemvRows : 1;
-    for (int64_t t0 = 0; t0 < p.tokens; t0 += 4) {
-      const int64_t nt = std::min<int64_t>(4, p.tokens - t0);
-      if (nr == kGemvRows)
-        dot_rows_tokens<scalar_t, kGemvRows>(isa, p, r, p.x + t0 * p.in, nt, acc);
-      else
-        dot_rows_tokens<scalar_t, 1>(isa, p, r, p.x + t0 * p.in, nt, acc);
-      for (int64_t i = 0; i < nr; ++i)
-        for (int64_t t = 0; t < nt; ++t)
-          p.y[(t0 + t) * p.out + r + i] = static_cast<scalar_t>(acc[i * nt + t] + (p.bias ? p.bias[r + i] : 0.f));
-    }
-    r += nr;
-  }
+  if (isa == kAvx512) return gemv_rows_avx512(p, r0, r1);
+  if (isa == kAvx2) return gemv_rows_avx2(p, r0, r1);
+  gemv_rows_scalar(p, r0, r1);
 }
 
 // ---------------------------------------------------------------- GEMM (many tokens)
@@ -674,18 +721,26 @@ void gemm_rows(const Problem<scalar_t>& p, int isa, int64_t b0, int64_t b1) {
   }
 }
 
+// Weights per GEMV chunk (rows x in): a second thread pays off from about this much work.
+constexpr int64_t kGemvGrain = 1 << 17;
+
 // Below this many tokens re-reading x per row (GEMV) beats packing it (GEMM); measured on the benchmark CPU.
 constexpr int64_t kGemmMinTokens = 16;
 
 Tensor sparse24_matmul(const Tensor& x_in, const Tensor& values_in, const Tensor& meta_in,
                        const std::optional<Tensor>& bias_in) {
   check_compressed("sparse24_matmul", values_in, meta_in);
-  TORCH_CHECK(x_in.dim() == 2, "sparse24_matmul: x must be 2-D [tokens, in] here, got ", x_in.dim(), "-D");
+  // x [..., in] -> y [..., out], as nn.Linear: a layer's caller passes [batch, tokens, in] without reshaping.
+  TORCH_CHECK(x_in.dim() >= 1, "sparse24_matmul: x must have at least 1 dim");
   TORCH_CHECK(x_in.scalar_type() == values_in.scalar_type(), "sparse24_matmul: x dtype ", x_in.scalar_type(),
               " must equal values dtype ", values_in.scalar_type());
-  const int64_t tokens = x_in.size(0), out = values_in.size(0), in = 2 * values_in.size(1);
-  TORCH_CHECK(x_in.size(1) == in, "sparse24_matmul: x has ", x_in.size(1), " features, the compressed weight has ",
+  const int64_t out = values_in.size(0), in = 2 * values_in.size(1);
+  TORCH_CHECK(x_in.size(-1) == in, "sparse24_matmul: x has ", x_in.size(-1), " features, the compressed weight has ",
               in);
+  int64_t tokens = 1;
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) tokens *= x_in.size(d);
+  std::vector<int64_t> y_sizes(x_in.sizes().begin(), x_in.sizes().end());
+  y_sizes.back() = out;
   Tensor bias;
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out, "sparse24_matmul: bias must be 1-D with ", out,
@@ -694,13 +749,13 @@ Tensor sparse24_matmul(const Tensor& x_in, const Tensor& values_in, const Tensor
     bias = bias_in->to(at::kFloat).contiguous();
   }
   const Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  Tensor y = at::empty({tokens, out}, x_in.options());
+  Tensor y = at::empty(y_sizes, x_in.options());
   if (tokens == 0 || out == 0) return y;
   const int isa = g_isa.load();
   const bool gemm = tokens >= kGemmMinTokens;
   dispatch_weight(values.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const Tensor xf = x_in.to(at::kFloat).contiguous();
+    const Tensor xf = x_in.to(at::kFloat).contiguous();  // [tokens, in] in memory
     const Problem<scalar_t> p{values.const_data_ptr<scalar_t>(),
                               meta.const_data_ptr<uint8_t>(),
                               xf.const_data_ptr<float>(),
@@ -713,7 +768,7 @@ Tensor sparse24_matmul(const Tensor& x_in, const Tensor& values_in, const Tensor
     if (gemm)
       at::parallel_for(0, (out + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) { gemm_rows(p, isa, b0, b1); });
     else
-      at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) { gemv_rows(p, isa, r0, r1); });
+      at::parallel_for(0, out, grain_rows(in, kGemvGrain), [&](int64_t r0, int64_t r1) { gemv_rows(p, isa, r0, r1); });
   });
   return y;
 }

@@ -169,6 +169,11 @@ class Adapter:
         outside = self.count_parameters()["non_embedding"] - in_layers
         return ParamCosts(head, kv_head, channel, layer_fixed, outside)
 
+    def block_linears(self, i: int) -> list[list[nn.Module]]:
+        """Layer i's linear layers in the order they run, those that read the same input grouped together."""
+        att, mlp = self.attention(i), self.mlp(i)
+        return [[att.q, att.k, att.v], [att.o], list(mlp.inputs), [mlp.output]]
+
     def is_uniform(self) -> bool:
         """True when every layer has the same widths (a plain config can describe it)."""
         return len(set(self.shape().layers)) <= 1

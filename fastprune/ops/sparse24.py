@@ -30,6 +30,7 @@ choice must be confirmed by running ``benchmarks/bench_sparse24.py`` on a GPU (b
 dense cuBLAS and the vendor 2:4 path ``to_vendor_sparse``).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprune.ops import _native
-from fastprune.ops._checks import FLOAT_DTYPES
+from fastprune.ops._checks import FLOAT_DTYPES, direct_call_ok
 
 _GPU_GEMV_MAX_TOKENS = 8  # CUDA and Triton GEMV kernels; more tokens go to decompress + cuBLAS
 
@@ -350,12 +351,36 @@ def _decompress_backward(ctx, grad):
 _decompress_op.register_autograd(_decompress_backward, setup_context=_decompress_setup)
 
 
+def _matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    if x.device.type == "cpu" and _cpu_kernel_ready(x):
+        # The C++ op takes x [..., in] and checks every argument itself, with the same messages; checking in
+        # Python too would cost as much as the product of a SmolLM2-sized matrix.
+        return _cpu_matmul_overload()(x, values, meta, bias)
+    _check_matmul(x, values, meta, bias)
+    y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x.reshape(-1, x.shape[-1]), values, meta, bias)
+    return y.view(*x.shape[:-1], values.shape[0])
+
+
+def _cpu_kernel_ready(x: Tensor) -> bool:
+    """Whether an inference call on this CPU tensor may go straight to the C++ product (see ``_matmul``)."""
+    return _cpu_backend() and direct_call_ok(x)
+
+
+@functools.cache
+def _cpu_backend() -> bool:
+    """Whether CPU products run the C++ kernels in this process (TRITON_INTERPRET is read once, as triton does)."""
+    return _native.cpu_extension("sparse24") and not _native.use_triton_on_cpu()
+
+
+@functools.cache
+def _cpu_matmul_overload():
+    """The C++ op's overload, looked up once (``torch.ops`` attribute lookups cost microseconds per call)."""
+    return torch.ops.fastprune_cpu.sparse24_matmul.default
+
+
 @torch.library.custom_op("fastprune::sparse24_matmul", mutates_args=())
 def _matmul_op(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
-    _check_matmul(x, values, meta, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _BACKENDS["matmul"][_pick_backend("matmul", x.device)](x2, values, meta, bias)
-    return y.reshape(*x.shape[:-1], values.shape[0])
+    return _matmul(x, values, meta, bias)
 
 
 @_matmul_op.register_fake
@@ -417,7 +442,31 @@ def sparse24_decompress(values: Tensor, meta: Tensor, in_features: int | None = 
 
 def sparse24_matmul(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x [..., in] @ W^T (+ bias)`` for a 2:4-compressed ``W`` (``nn.Linear`` semantics, fp32 sums)."""
+    if _plain_inference(x, values, meta, bias):
+        return _matmul(x, values, meta, bias)
     return _matmul_op(x, values, meta, bias)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_inference(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> bool:
+    """Whether a call may skip the custom op: eager, no gradient to record, plain tensors or parameters.
+
+    Decoding one token calls the product once per linear layer (210 times for SmolLM2), and the op's dispatch
+    costs about as much as the kernel on such a small matrix.
+    """
+    if torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return False
+    return (
+        type(x) in _PLAIN_TYPES
+        and type(values) in _PLAIN_TYPES
+        and type(meta) in _PLAIN_TYPES
+        and (bias is None or type(bias) in _PLAIN_TYPES)
+        and direct_call_ok(x)
+    )
 
 
 def vendor_sparse_available(device: torch.device | str) -> bool:
@@ -459,6 +508,10 @@ class Sparse24Linear(torch.nn.Module):
         return cls(values, meta, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and x.device.type == "cpu" and type(x) is Tensor and _cpu_kernel_ready(x):
+            # Decoding calls every layer once per token: the shortest way to the C++ kernel (which checks its
+            # arguments itself) keeps the Python around it below the cost of a SmolLM2-sized product.
+            return _cpu_matmul_overload()(x, self.values, self.meta, self.bias)
         return sparse24_matmul(x, self.values, self.meta, self.bias)
 
     def dense_weight(self) -> Tensor:

@@ -7,8 +7,13 @@ model without fastprune installed. It must therefore import nothing but torch an
 The config keeps its architecture's own keys and adds lists ``<key>_per_layer`` (for example
 ``num_key_value_heads_per_layer``); each class builds the stock model and then resizes every layer to those widths
 before the weights are loaded.
+
+2:4-sparse models (``fastprune sparsify``) list their compressed linear layers in ``sparse24_modules``; those are
+built as ``CompressedSparse24Linear`` (values + 4-bit positions, decompressed in plain PyTorch at each call).
 """
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     BertModel,
@@ -19,6 +24,7 @@ from transformers import (
 )
 
 PER_LAYER_SUFFIX = "_per_layer"
+SPARSE24_KEY = "sparse24_modules"
 REMOTE_MODULE = "modeling_fastprune"
 REMOTE_CLASSES = {
     "llama": {"AutoModelForCausalLM": "FastpruneLlamaForCausalLM"},
@@ -74,6 +80,46 @@ def resize_bert_layer(layer: nn.Module, heads: int, channels: int) -> None:
     layer.output.dense = _resized(layer.output.dense, channels, hidden)
 
 
+def decompress_sparse24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense [out, in] weight of a 2:4-compressed one, zeros where pruned.
+
+    Layout (fastprune/ops/sparse24.py): ``values`` [out, in/2] holds the 2 kept weights of each group of 4 inputs;
+    ``meta`` [out, ceil(in/8)] uint8 one nibble per group (bits 0-1 and 2-3: the kept positions), group 2b in
+    the low nibble of byte b.
+    """
+    out, groups = values.shape[0], values.shape[1] // 2
+    m = meta.to(torch.int64)
+    nib = torch.stack((m & 15, m >> 4), dim=-1).reshape(out, -1)[:, :groups]
+    pos = torch.stack((nib & 3, nib >> 2), dim=-1)
+    dense = values.new_zeros(out, groups, 4).scatter(-1, pos, values.reshape(out, groups, 2))
+    return dense.reshape(out, 4 * groups)
+
+
+class CompressedSparse24Linear(nn.Module):
+    """``nn.Linear`` whose weight is stored 2:4-compressed (``values``, ``meta``); plain PyTorch, dense arithmetic."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.values = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
+        meta_cols = (in_features // 4 + 1) // 2
+        self.register_buffer("meta", torch.zeros(out_features, meta_cols, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, decompress_sparse24(self.values, self.meta), self.bias)
+
+
+def compress_sparse_modules(model: nn.Module, config) -> None:
+    """Replace the linear layers named in ``config.sparse24_modules`` by ``CompressedSparse24Linear``."""
+    for name in getattr(config, SPARSE24_KEY, None) or []:
+        linear = model.get_submodule(name)
+        parent, _, attr = name.rpartition(".")
+        w, bias = linear.weight, linear.bias is not None
+        new = CompressedSparse24Linear(linear.in_features, linear.out_features, bias, w.dtype, w.device)
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def _resize_decoder(model: nn.Module, config) -> None:
     layers = model.model.layers
     n = len(layers)
@@ -82,6 +128,7 @@ def _resize_decoder(model: nn.Module, config) -> None:
     channels = _layer_widths(config, "intermediate_size", n)
     for i, layer in enumerate(layers):
         resize_decoder_layer(layer, heads[i], kv_heads[i], channels[i])
+    compress_sparse_modules(model, config)
 
 
 class FastpruneLlamaForCausalLM(LlamaForCausalLM):
@@ -116,3 +163,4 @@ class FastpruneBertModel(BertModel):
         channels = _layer_widths(config, "intermediate_size", len(layers))
         for i, layer in enumerate(layers):
             resize_bert_layer(layer, heads[i], channels[i])
+        compress_sparse_modules(self, config)

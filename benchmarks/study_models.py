@@ -1,0 +1,179 @@
+"""The SmolLM2 rows of the study: build each variant (structured pruning, 2:4, both, GGUF quantization) with
+fastprune's API, then measure held-out perplexity, weights and, interleaved round by round, latency."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastprune
+from fastprune.config import CalibrationConfig, PruningConfig
+from fastprune.data import read_text, token_windows
+from fastprune.evaluation import _weights_mb, decode_tokens_per_second, perplexity, prefill_seconds
+from fastprune.export import export_gguf
+from fastprune.pipeline import prune
+from fastprune.sparsity import SparsifyConfig, save_sparsified, sparsify
+from fastprune.sparsity.modules import densify
+
+
+@dataclass
+class StudySettings:
+    texts: tuple[str, ...] = ("pydoc:heldout", "licenses")
+    windows: int = 4  # perplexity windows of seq_len tokens per text
+    seq_len: int = 512
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    prune_fractions: tuple[float, ...] = (0.25, 0.5)
+    sparsify_criteria: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+    combined_criterion: str = "sparsegpt"  # 2:4 on top of the 25% structured model
+    gguf_types: tuple[str, ...] = ("q8_0", "q4_0")
+    prefill_tokens: int = 512
+    decode_tokens: int = 32
+    decode_batches: tuple[int, ...] = (1, 8)
+    rounds: int = 3
+    quality: bool = True
+
+
+@dataclass
+class Row:
+    """One variant: how it was made, what it weighs, its perplexities and (torch rows) latencies."""
+
+    name: str
+    kind: str  # dense, structured, 2:4, structured + 2:4, gguf
+    weights_mb: float
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    gguf: Path | None = None
+    perplexity: dict[str, float] = field(default_factory=dict)
+    prefill_ms: float | None = None
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    build_s: float = 0.0
+    note: str = ""
+    masked_dense_diff: float | None = None  # 2:4 rows: max |logit difference| from the masked dense model / max |logit|
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        d["gguf"] = None if self.gguf is None else self.gguf.name
+        d["decode_tokens_per_s"] = {str(k): v for k, v in self.decode_tokens_per_s.items()}
+        return d
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def build_rows(loaded, s: StudySettings, workdir: Path, progress=print) -> list[Row]:
+    """Every variant of the study, made from the loaded dense model (GGUF files written into ``workdir``)."""
+    dense, tok = loaded.model, loaded.tokenizer
+    rows = [Row("dense", "dense", _weights_mb(dense), dense)]
+    structured = {}
+    grams = None
+    for fraction in s.prune_fractions:
+        # Widths in multiples of 32 so every matrix splits into whole GGUF quantization blocks.
+        config = PruningConfig(criterion="obs", target_params=fraction, round_to=32, calibration=s.calibration)
+        result, sec = _timed(lambda c=config, g=grams: prune(dense, c, "pydoc:calibration", tok, grams=g))
+        grams = result.grams
+        name = f"structured {fraction:.0%} (obs)"
+        structured[fraction] = result.model
+        rows.append(Row(name, "structured", _weights_mb(result.model), result.model, build_s=sec))
+        progress(f"built {name} in {sec:.0f} s")
+    for criterion in s.sparsify_criteria:
+        config = SparsifyConfig(criterion=criterion, calibration=s.calibration)
+        result, sec = _timed(lambda c=config: sparsify(dense, c, "pydoc:calibration", tok))
+        model = _saved_and_loaded(result, tok, config, workdir / f"2-4-{criterion}")
+        rows.append(Row(f"2:4 ({criterion})", "2:4", _weights_mb(model), model, build_s=sec, note=LOADED))
+        progress(f"built 2:4 ({criterion}) in {sec:.0f} s")
+    base = structured[min(structured)]
+    config = SparsifyConfig(criterion=s.combined_criterion, calibration=s.calibration)
+    result, sec = _timed(lambda: sparsify(base, config, "pydoc:calibration", tok))
+    model = _saved_and_loaded(result, tok, config, workdir / "structured-2-4")
+    name = f"structured {min(structured):.0%} + 2:4 ({s.combined_criterion})"
+    rows.append(Row(name, "structured + 2:4", _weights_mb(model), model, build_s=sec, note=LOADED))
+    progress(f"built {name} in {sec:.0f} s")
+    for source_name, model in (("dense", dense), (f"structured {min(structured):.0%}", base)):
+        for qtype in s.gguf_types:
+            path = workdir / f"{source_name.replace(' ', '-').replace('%', '')}.{qtype}.gguf"
+            _, sec = _timed(lambda m=model, p=path, q=qtype: export_gguf(m, tok, p, q))
+            rows.append(
+                Row(f"{source_name} GGUF {qtype.upper()}", "gguf", _gguf_weights_mb(path), gguf=path, build_s=sec)
+            )
+            progress(f"exported {rows[-1].name} in {sec:.0f} s")
+    return rows
+
+
+LOADED = "saved 2:4-compressed, loaded with fastprune.load (2:4 kernels)"
+
+
+def _saved_and_loaded(result, tokenizer, config: SparsifyConfig, path: Path) -> torch.nn.Module:
+    """The sparse model as users run it: written by ``save_sparsified`` and read back by ``fastprune.load``."""
+    save_sparsified(result, tokenizer, path, [], config, "smollm2")
+    return fastprune.load(path)
+
+
+def masked_dense_difference(model: torch.nn.Module, tokenizer, s: StudySettings) -> float:
+    """Largest |logit| difference between a 2:4 model on its kernels and the same model with masked dense
+    ``nn.Linear`` layers, over one held-out window, as a fraction of the largest |logit| (both sum in fp32, in
+    different orders)."""
+    w = token_windows(tokenizer, read_text(s.texts[0]), s.seq_len, 1, s.texts[0], "evaluation")
+    masked = densify(copy.deepcopy(model))
+    with torch.inference_mode():
+        got, expected = model(input_ids=w.ids).logits, masked(input_ids=w.ids).logits
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _gguf_weights_mb(path: Path) -> float:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors) / 2**20
+
+
+def load_gguf(path: Path, device: str) -> torch.nn.Module:
+    """The GGUF model as transformers loads it (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).to(device).eval()
+
+
+def measure_quality(rows: list[Row], tokenizer, s: StudySettings, device: str, progress=print) -> None:
+    """Perplexity of every row on the same token windows of each held-out text."""
+    windows = {t: token_windows(tokenizer, read_text(t), s.seq_len, s.windows, t, "evaluation") for t in s.texts}
+    for row in rows:
+        model = row.model if row.gguf is None else load_gguf(row.gguf, device)
+        for text, w in windows.items():
+            w = dataclasses.replace(w, ids=w.ids.to(device))
+            row.perplexity[text] = perplexity(model, w, 4)
+        progress(f"perplexity {row.name}: " + ", ".join(f"{t} {v:.2f}" for t, v in row.perplexity.items()))
+        if row.gguf is not None:
+            del model
+            gc.collect()
+
+
+def measure_latency(rows: list[Row], vocab_size: int, s: StudySettings, progress=print) -> None:
+    """Prefill (``prefill_tokens`` at batch 1) and decode speed at each batch, interleaved round by round."""
+    timed = [r for r in rows if r.model is not None]
+    prefill = {r.name: [] for r in timed}
+    decode = {(r.name, b): [] for r in timed for b in s.decode_batches}
+    for r in timed:  # warm-up: first calls allocate and pick kernels
+        prefill_seconds(r.model, s.prefill_tokens, vocab_size)
+        decode_tokens_per_second(r.model, 2, vocab_size)
+    for k in range(s.rounds):
+        for r in timed:
+            prefill[r.name].append(prefill_seconds(r.model, s.prefill_tokens, vocab_size))
+            for b in s.decode_batches:
+                decode[(r.name, b)].append(decode_tokens_per_second(r.model, s.decode_tokens, vocab_size, batch=b))
+        progress(f"latency round {k + 1}/{s.rounds} done")
+    for r in timed:
+        r.prefill_ms = 1000 * statistics.median(prefill[r.name])
+        r.decode_tokens_per_s = {b: statistics.median(decode[(r.name, b)]) for b in s.decode_batches}
+
+
+def make_workdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="fastprune-study-")
