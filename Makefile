@@ -8,7 +8,7 @@ DEMO_OUT ?= runs/demo-smollm2
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo demo-cnn test check-install test-transformers test-all test-vision bench bench-cnn compare study gpu-check \
-	lint format clean
+	rehearsal lint format clean
 
 BASE := $(VENV)/.fastprune-base
 WHEEL_DIR := dist
@@ -111,6 +111,11 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(PIP) install --quiet "torch-pruning==1.6.1" "$(TORCH_SPEC)"
 	$(PY) benchmarks/compare_peers.py
+
+# Stream-prune a random Llama-3.2-3B-shaped model (6 GB of bf16 shards in /tmp, 20 min on 2 cores): peak memory,
+# time per layer, projections for 8B and 70B; writes benchmarks/results/rehearsal-3b.{md,json}.
+rehearsal: $(STAMP)
+	$(PY) benchmarks/rehearsal.py
 
 # Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (34
 # minutes on 2 loaded cores): writes benchmarks/results/study-<machine>.{md,json,png}.

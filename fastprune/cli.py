@@ -50,6 +50,12 @@ def _add_reconstruction(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_DAMPING,
         help=f"ridge term of the least-squares refit, relative to the mean input energy (default {DEFAULT_DAMPING})",
     )
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        help="cut one layer at a time, each calibrated (refit, and units re-chosen by layer-local criteria) on the "
+        "activations of the layers already cut (SparseGPT/SlimGPT style); the planned widths do not change",
+    )
 
 
 def _add_recovery(p: argparse.ArgumentParser, prefix: str) -> None:
@@ -229,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruction(p)
     p.add_argument("--plan", type=Path, help="apply this plan.json instead of scoring and planning")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="hold one decoder layer at a time: read from the safetensors files, written out shard by shard, "
+        "resumable (chosen automatically when the model would not fit in memory, and under torchrun); needs a "
+        "layer-local criterion (not taylor, fisher, sensitivity: use taylor_local, fisher_local)",
+    )
+    p.add_argument(
         "--compare",
         action="append",
         default=[],
@@ -403,6 +416,7 @@ def _pruning_config(args, calibration: bool = True) -> PruningConfig:
             "calibration": CalibrationConfig(args.samples, args.seq_len, args.batch_size, args.recovery_samples),
             "reconstruct": not args.no_reconstruct,
             "damping": args.damping,
+            "sequential": args.sequential,
         }
     return PruningConfig(
         head_ratio=args.head_ratio,
@@ -447,6 +461,9 @@ def _cmd_prune(args) -> None:
 
     config = _pruning_config(args)
     plan = Plan.load(args.plan) if args.plan else None
+    if _streams(args):
+        _prune_streaming(args, config, plan)
+        return
     recovery = _recovery_config(args, "recover-", args.recover) if args.recover else None
     loaded = load_source(args.model)
     check_output_dir(args.out, list(loaded.inputs), args.overwrite)  # fail before minutes of work
@@ -486,11 +503,55 @@ def _cmd_prune(args) -> None:
     print(f"saved to {out}")
 
 
+def _streams(args) -> bool:
+    """Stream when asked, under a launcher (every process streams its share), or when memory is too small."""
+    from fastprune.distributed import launched
+
+    if args.stream or launched():
+        return True
+    if args.model is None or not Path(args.model).is_dir():
+        return False
+    from fastprune.layerwise.stream import should_stream
+
+    return should_stream(Path(args.model))
+
+
+def _prune_streaming(args, config: PruningConfig, plan) -> None:
+    from fastprune.distributed import current
+    from fastprune.layerwise.stream import prune_streaming
+
+    unsupported = {
+        "--recover": args.recover,
+        "--steps": args.steps > 1,
+        "--compare": args.compare,
+    }
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} need the model in memory; stream first, then run `fastprune recover` / `eval` "
+            f"on the output"
+        )
+    args.resume_hint = " (rerun the same command to resume from the last finished layer)"
+    result = prune_streaming(args.model, config, args.out, args.calibration, plan, args.overwrite)
+    if not current().is_main:
+        return
+    _print_summary(result.plan)
+    layers = [r for r in result.layer_seconds if r["pass"] == "cut"]
+    print(
+        f"streamed {len(layers)} layers on {current().world} process(es) in {result.seconds['total']:.1f} s; "
+        f"peak resident memory {result.peak_rss_bytes / 2**20:.0f} MiB"
+    )
+    if not args.no_eval:
+        print(f"not evaluated (streamed): `fastprune eval {args.model or 'smollm2'} {args.out}` measures it")
+    print(f"saved to {result.out}")
+
+
 def _cmd_recover(args) -> None:
     import copy
 
     from fastprune.adapters import adapter_for
     from fastprune.data import read_text, token_windows
+    from fastprune.distributed import current
     from fastprune.evaluation import evaluate
     from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, read_info, save_model
     from fastprune.models import load_source
@@ -514,19 +575,22 @@ def _cmd_recover(args) -> None:
         "recovery",
         encoder,
     )
-    before = None if args.no_eval else copy.deepcopy(student.model)
+    ranks = current()  # under torchrun recovery is sharded (FSDP2); rank 0 gets the model, evaluates and writes
+    before = None if args.no_eval or not ranks.is_main else copy.deepcopy(student.model)
     result = recover(
         student.model, teacher.model if teacher else None, windows, config, args.checkpoint_dir, args.resume
     )
+    if not ranks.is_main:
+        return
     extra = {INFO_FILE: json.dumps({**info, "recovery": result.to_dict()}, indent=1) + "\n"}
     if (Path(args.model) / PLAN_FILE).is_file():
         extra[PLAN_FILE] = (Path(args.model) / PLAN_FILE).read_text()
     report = None
     if before is not None:
         models = {"pruned": before, f"recovered ({config.mode})": result.model}
-        report = evaluate(
-            {"dense": teacher.model, **models} if teacher else models, student.tokenizer, _eval_config(args)
-        )
+        if teacher and not ranks.distributed:  # (a sharded teacher runs only with every process)
+            models = {"dense": teacher.model, **models}
+        report = evaluate(models, student.tokenizer, _eval_config(args))
         extra.update(report.files())
     save_model(result.model, student.tokenizer, args.out, extra, args.overwrite)
     print(f"recovery {result.stop_reason} after {result.steps} steps; best held-out loss {result.best_val_loss:.4f}")
@@ -636,6 +700,7 @@ def _cmd_apply(args) -> None:
     config = PruningConfig(
         reconstruct=not args.no_reconstruct,
         damping=args.damping,
+        sequential=args.sequential,
         calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
     )
     result = prune(loaded.model, config, args.calibration, loaded.tokenizer, plan=plan, evaluation=eval_config)
@@ -687,6 +752,7 @@ def _cmd_analyze(args) -> None:
         ranking=args.ranking,
         reconstruct=not args.no_reconstruct,
         damping=args.damping,
+        sequential=args.sequential,
         seed=args.seed,
         calibration=CalibrationConfig(args.samples, args.seq_len, args.batch_size),
     )
@@ -745,6 +811,8 @@ def _cnn_model(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastprune.distributed import init_from_env, shutdown
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if _cnn_model(argv):  # CNNs have their own flags (fastprune.cnn.cli)
         from fastprune.cnn.cli import run
@@ -754,18 +822,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command = lambda: COMMANDS[args.command](args)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    ranks = init_from_env()  # under torchrun: join the process group; otherwise rank 0 of 1
+    quiet = args.quiet or not ranks.is_main
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         command()
     except FastpruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if ranks.is_main:  # every process meets the same bad input; one line says it
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (rerun with --resume to continue from the checkpoint)" if getattr(args, "checkpoint_dir", None) else ""
+        hint = getattr(args, "resume_hint", hint)
         print(f"interrupted: stopped cleanly, no output was written{hint}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

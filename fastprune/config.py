@@ -19,6 +19,8 @@ CRITERIA = (
     "block_influence",
     "sensitivity",
     "obs",
+    "taylor_local",
+    "fisher_local",
 )
 RANKINGS = ("global", "per_layer")
 DEFAULT_DAMPING = 0.001
@@ -73,6 +75,11 @@ class PruningConfig:
     With ``reconstruct`` the output projections that read the removed heads and channels are refit by least
     squares on the calibration activations (see fastprune.reconstruction), ``damping`` being the ridge term
     relative to the mean input energy.
+
+    With ``sequential`` the cut is made one layer at a time (fastprune.layerwise): layer i's statistics (the refit's
+    Gram matrices and, for criteria computed from a layer's own activations, its scores) come from the model whose
+    layers before i are already pruned and refit, so each layer corrects the error of the ones before it
+    (SparseGPT/SlimGPT style). The planned widths do not change; which units go within a layer may.
     """
 
     criterion: str = "obs"
@@ -95,6 +102,7 @@ class PruningConfig:
     round_to: int = 8
     reconstruct: bool = True
     damping: float = DEFAULT_DAMPING
+    sequential: bool = False
     seed: int = 0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -138,6 +146,8 @@ class PruningConfig:
             raise ConfigError(f"damping must be in (0, 10); got {self.damping!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"round_to must be a positive integer; got {self.round_to!r}")
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential must be True or False; got {self.sequential!r}")
 
     @property
     def target_name(self) -> str | None:

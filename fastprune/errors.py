@@ -17,6 +17,10 @@ class ModelNotFoundError(FastpruneError, FileNotFoundError):
     """The model path does not exist or holds no model."""
 
 
+class CheckpointError(FastpruneError, ValueError):
+    """A model's weight files are missing, unreadable, or disagree with its config."""
+
+
 class CalibrationError(FastpruneError, ValueError):
     """Calibration or evaluation text is missing, empty or too short."""
 

@@ -82,6 +82,11 @@ def save_model(model, tokenizer, out: Path, extra_files: dict[str, str], overwri
     return Path(out).resolve()
 
 
+def publish_dir(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Move a completely written directory ``tmp`` into place as ``out`` (replacing it only when ``overwrite``)."""
+    _replace_dir(Path(tmp), Path(out).resolve(), overwrite)
+
+
 def _replace_dir(new: Path, out: Path, overwrite: bool) -> None:
     if not out.exists():
         os.replace(new, out)

@@ -98,15 +98,20 @@ def _check_supported(path: Path) -> None:
     adapter_class(AutoConfig.from_pretrained(path).model_type)
 
 
-def load_source(source: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model and its tokenizer from a bundled name, a .gguf file or a Hugging Face directory."""
-    from transformers import AutoTokenizer
+@dataclass
+class SourceDir:
+    """Where a model source's Hugging Face directory is, the name that finds it again, and its input locations."""
 
+    directory: Path
+    name: str  # a bundled name or an absolute path: load_source(name) loads it again
+    inputs: tuple[Path, ...]  # protected from output
+
+
+def resolve_source(source: str | None = None) -> SourceDir:
+    """The Hugging Face directory of a bundled name, a .gguf file (converted once) or a directory, unloaded."""
     source = source or DEFAULT_MODEL
     if source in BUNDLED:
         path = bundled_path(source)
-        input_path = path.parent if path.is_file() else path
-        model_dir = gguf_to_hf_dir(path) if path.suffix == ".gguf" else path
         name = source
     else:
         path = Path(source).expanduser()
@@ -115,13 +120,21 @@ def load_source(source: str | None = None, dtype: torch.dtype = torch.float32) -
                 f"model not found: {source} (give a Hugging Face model directory, a .gguf file, or one of "
                 f"{', '.join(BUNDLED)})"
             )
-        input_path = path.parent if path.is_file() else path
-        model_dir = gguf_to_hf_dir(path) if path.suffix == ".gguf" else path
         name = str(path.resolve())  # recorded as the source of pruned models, so it must load again
+    input_path = path.parent if path.is_file() else path
+    model_dir = gguf_to_hf_dir(path) if path.suffix == ".gguf" else path
     _check_supported(model_dir)
-    model = load(model_dir, dtype=dtype)
+    return SourceDir(model_dir, name, tuple({input_path.resolve(), model_dir.resolve()}))
+
+
+def load_source(source: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model and its tokenizer from a bundled name, a .gguf file or a Hugging Face directory."""
+    from transformers import AutoTokenizer
+
+    found = resolve_source(source)
+    model = load(found.directory, dtype=dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(found.directory)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"no usable tokenizer in {model_dir}: {exc}") from exc
-    return LoadedModel(model, tokenizer, name, tuple({input_path.resolve(), model_dir.resolve()}))
+        raise ModelNotFoundError(f"no usable tokenizer in {found.directory}: {exc}") from exc
+    return LoadedModel(model, tokenizer, found.name, found.inputs)

@@ -115,7 +115,7 @@ def prune(
     if plan is None or config.reconstruct:
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         batches = windows.batches(config.calibration.batch_size)
-        config = _fit_to_calibration(adapter, windows, config)
+        config = fit_to_calibration(adapter, windows, config)
     needs_all = (
         config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct
     )
@@ -130,12 +130,14 @@ def prune(
         with _timed(seconds, "plan"):
             plan = make_plan(scores, config, costs, budget)
         plan.info["calibration"] = windows.describe()
-    if config.reconstruct and (grams is None or not grams.has(*layers_for_plan(plan))):
+    sequential = config.sequential and windows is not None  # (a given plan without refit calibrates nothing)
+    if config.reconstruct and not sequential and (grams is None or not grams.has(*layers_for_plan(plan))):
         with _timed(seconds, "statistics"):
             grams = grams_for_plan(adapter, batches, plan)
-    pruned = _cut(model, plan, config, grams, inplace, seconds)
+    cutting = _Cutting(config, grams, batches if sequential else None, scores)
+    pruned, plan = cutting.cut(model, plan, inplace, seconds)
     if config.target_latency_ms is not None:
-        pruned, plan = _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, seconds)
+        pruned, plan = _meet_latency(model, pruned, plan, scores, config, costs, budget, cutting, seconds)
     recovered = None
     if recovery is not None:
         train = recovery_windows(tokenizer, calibration, config, encoder=not adapter.causal)
@@ -184,7 +186,7 @@ def _budget(model, adapter, config: PruningConfig) -> Budget | None:
     return None
 
 
-def _fit_to_calibration(adapter, windows: TokenWindows, config: PruningConfig) -> PruningConfig:
+def fit_to_calibration(adapter, windows: TokenWindows, config: PruningConfig) -> PruningConfig:
     """Warn when the calibration text is too short for least-squares fits, and skip the refit then."""
     tokens, needed = windows.ids.numel(), tokens_needed(adapter)
     if tokens >= needed:
@@ -204,20 +206,37 @@ def _fit_to_calibration(adapter, windows: TokenWindows, config: PruningConfig) -
     return dataclasses.replace(config, reconstruct=False)
 
 
-def _cut(model, plan: Plan, config: PruningConfig, grams, inplace: bool, seconds: dict) -> torch.nn.Module:
-    """Reconstruct (if asked) and slice a copy of the model (or the model itself when ``inplace``)."""
-    pruned = model if inplace else copy.deepcopy(model)
-    adapter = adapter_for(pruned)
-    if config.reconstruct:
-        with _timed(seconds, "reconstruct"):
-            reconstruct(adapter, plan, grams, config.damping)
-    plan.info["reconstructed"] = config.reconstruct
-    with _timed(seconds, "surgery"):
-        apply_plan(adapter, plan)
-    return pruned
+@dataclass
+class _Cutting:
+    """How plans are applied in this run: all at once from the dense model's Gram matrices, or (``batches`` given:
+    sequential calibration) one layer at a time on the activations of the layers already cut."""
+
+    config: PruningConfig
+    grams: InputGrams | None
+    batches: list[torch.Tensor] | None
+    scores: Scores | None
+
+    def cut(self, model, plan: Plan, inplace: bool, seconds: dict) -> tuple[torch.nn.Module, Plan]:
+        """Reconstruct (if asked) and slice a copy of the model (or the model itself when ``inplace``); return it
+        with the plan applied (sequential calibration may choose other units of the same widths)."""
+        config = self.config
+        pruned = model if inplace else copy.deepcopy(model)
+        adapter = adapter_for(pruned)
+        if self.batches is not None:
+            from fastprune.layerwise import cut_sequentially
+
+            with _timed(seconds, "sequential cut"):
+                return pruned, cut_sequentially(adapter, plan, self.scores, config, self.batches)
+        if config.reconstruct:
+            with _timed(seconds, "reconstruct"):
+                reconstruct(adapter, plan, self.grams, config.damping)
+        plan.info["reconstructed"] = config.reconstruct
+        with _timed(seconds, "surgery"):
+            apply_plan(adapter, plan)
+        return pruned, plan
 
 
-def _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, seconds, attempts: int = 4):
+def _meet_latency(model, pruned, plan, scores, config, costs, budget, cutting, seconds, attempts: int = 4):
     """Measure the pruned model; while it misses the budget (or undershoots it by more than the slack), correct
     the latency table's limit by the measured/predicted ratio and re-plan."""
     target = config.target_latency_ms
@@ -235,8 +254,7 @@ def _meet_latency(model, pruned, plan, scores, config, costs, budget, grams, sec
         new_plan.info["calibration"] = plan.info.get("calibration")
         if new_plan.cuts == plan.cuts and new_plan.drop_layers == plan.drop_layers:
             break
-        plan = new_plan
-        pruned = _cut(model, plan, config, grams, False, seconds)
+        pruned, plan = cutting.cut(model, new_plan, False, seconds)
     check = plan.info["latency_check"]
     if check["measured_ms"] > target:
         raise PlanError(

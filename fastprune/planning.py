@@ -24,7 +24,7 @@ from fastprune.scoring.scores import Scores
 PLAN_FORMAT = 1
 #: Criteria whose head and channel scores share units (a loss or output-error estimate), so a parameter target
 #: can trade them per parameter.
-COMPARABLE_CRITERIA = ("taylor", "fisher", "sensitivity", "obs")
+COMPARABLE_CRITERIA = ("taylor", "fisher", "sensitivity", "obs", "taylor_local", "fisher_local")
 
 logger = logging.getLogger("fastprune")
 
@@ -432,6 +432,28 @@ class _Planner:
             keep = {i: widths[i] - int(removed_per_layer[i]) for i in candidates}
         keep = _round_widths(keep, widths, self.config.round_to)
         return {i: sorted(self.channel_order(i)[k:].tolist()) for i, k in keep.items()}
+
+
+def rechoose_layer(plan: Plan, i: int, scores: Scores, config: PruningConfig) -> LayerCut:
+    """Layer i's cut with as many head granules and channels as ``plan`` removes there, chosen by ``scores``
+    instead (scores made after planning, e.g. on the activations of a model whose earlier layers are already cut),
+    so the widths, and with them the parameter count and the config, stay as planned."""
+    cut, planner = plan.cut(i), _Planner(scores, config)
+    heads, kv_heads, channels = [], [], []
+    if cut.heads:
+        size = _granule_size(plan.shape.layers[i], config)
+        granules = planner.granules(i)[: len(cut.heads) // size]
+        if sum(len(g.heads) for g in granules) != len(cut.heads) or len(cut.kv_heads) != sum(
+            len(g.kv_heads) for g in granules
+        ):
+            raise PlanError(f"layer {i}: the plan's head cut is not a whole number of {config.gqa} removals")
+        for g in granules:
+            heads += g.heads
+            kv_heads += g.kv_heads
+    if cut.channels:
+        width = plan.shape.layers[i].channels
+        channels = planner.channel_order(i)[width - len(cut.channels) :].tolist()
+    return LayerCut(heads, kv_heads, channels)
 
 
 def _protected_layers(n: int, config: PruningConfig) -> set[int]:

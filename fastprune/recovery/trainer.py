@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastprune.adapters import Adapter, adapter_for
 from fastprune.data import TokenWindows
+from fastprune.distributed import all_reduce_mean
 from fastprune.errors import CalibrationError, ConfigError
 from fastprune.recovery.checkpoint import (
     deferred_interrupt,
@@ -32,6 +33,16 @@ from fastprune.recovery.checkpoint import (
 from fastprune.recovery.config import RESUMABLE_CHANGES, RecoveryConfig
 from fastprune.recovery.lora import add_lora, merge_lora
 from fastprune.recovery.objectives import Objective, make_objective
+from fastprune.recovery.sharding import (
+    agree_any,
+    load_sharded,
+    local_share,
+    plain_copy,
+    read_state,
+    save_sharded,
+    shard_model,
+    sharding,
+)
 
 logger = logging.getLogger("fastprune")
 
@@ -99,6 +110,12 @@ def recover(
     always a plain model. With ``checkpoint_dir`` a checkpoint is written every ``config.checkpoint_every``
     steps and on Ctrl-C; ``resume=True`` continues from it and ends with the weights an uninterrupted run
     would have.
+
+    Under torch.distributed (torchrun) student and teacher are sharded with FSDP2 over the processes, each step's
+    windows are split between them (``batch_size`` must be a multiple of the process count), checkpoints are
+    sharded (torch.distributed.checkpoint; written every ``checkpoint_every`` steps, not on Ctrl-C) and may be
+    resumed on another number of processes; the result's model is a plain copy on rank 0 and None on the others
+    (fastprune.recovery.sharding).
     """
     config = config or RecoveryConfig()
     teacher = _teacher_for(config, teacher)
@@ -106,15 +123,24 @@ def recover(
         raise ConfigError("resume needs the checkpoint_dir of the interrupted run")
     ids = _window_ids(windows)
     train_ids, val_ids = split_windows(ids, config.val_fraction, config.seed)
-    device = next(student.parameters()).device
     adapter = adapter_for(student)
+    sharded, plain_class = sharding(), type(student)
+    if sharded:
+        if config.mode == "lora":
+            raise ConfigError("LoRA recovery runs in one process; under torchrun use distill or finetune")
+        local_share(torch.empty(config.batch_size))  # refuse a batch the processes cannot split, before loading
     torch.manual_seed(config.seed)
     with _training_shape(adapter, config), _eval_mode(teacher):
+        if sharded:  # (fully_shard moves the weights to this process's device: its GPU under NCCL)
+            shard_model(adapter)
+            if teacher is not None:
+                shard_model(adapter_for(teacher))
+        device = next(student.parameters()).device
         peft_model = add_lora(adapter, config) if config.mode == "lora" else None
         try:
             objective = make_objective(adapter, teacher, config)
             run = _Run(student, objective, train_ids.to(device), val_ids.to(device), config, checkpoint_dir)
-            state = load_checkpoint(checkpoint_dir) if resume else None
+            state = run.read_checkpoint() if resume else None
             if state is not None:
                 run.resume(state)
             elif resume:
@@ -127,6 +153,8 @@ def recover(
             raise
         run.restore_best()
         model = merge_lora(peft_model) if peft_model is not None else student
+        if sharded:
+            model = plain_copy(student, plain_class)
     return run.result(model, distilled=teacher is not None)
 
 
@@ -230,7 +258,7 @@ class _Run:
                     bar.set_postfix(self.postfix, refresh=False)
                     bar.update(1)
         except KeyboardInterrupt:
-            if self.checkpoint_dir is not None:
+            if self.checkpoint_dir is not None and not sharding():  # (a sharded save needs every process)
                 path = self.save()
                 logger.warning("recovery interrupted at step %d; resume=True continues from %s", p.step, path)
             raise
@@ -258,8 +286,8 @@ class _Run:
     def _out_of_time(self) -> bool:
         if self.config.time_budget_min is None:
             return False
-        # Stop while one more step and the final evaluation still fit in the budget.
-        return self._elapsed() + self.step_seconds + self.eval_seconds > 60 * self.config.time_budget_min
+        # Stop while one more step and the final evaluation still fit in the budget (all processes together).
+        return agree_any(self._elapsed() + self.step_seconds + self.eval_seconds > 60 * self.config.time_budget_min)
 
     def _elapsed(self) -> float:
         return self.progress.seconds + time.perf_counter() - self.t0
@@ -273,6 +301,7 @@ class _Run:
             loss = self.objective(ids) / len(batches)
             loss.backward()
             total += loss.item()
+        total = all_reduce_mean(total)  # the global batch's loss (each process had its share of the windows)
         with deferred_interrupt():
             if self.config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
@@ -291,7 +320,7 @@ class _Run:
         order = self._epoch_order(epoch)
         size, accum = self.config.batch_size, self.config.grad_accum
         first, last = j * accum, min((j + 1) * accum, self.batches_per_epoch)
-        return [self.train_ids[order[b * size : (b + 1) * size]] for b in range(first, last)]
+        return [local_share(self.train_ids[order[b * size : (b + 1) * size]]) for b in range(first, last)]
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """Epoch e's window order: the (e+1)-th permutation drawn from a generator seeded with the seed."""
@@ -350,6 +379,16 @@ class _Run:
         """Write a checkpoint of the state at the start of the current step."""
         progress = asdict(self.progress)
         progress["seconds"] = self._elapsed()
+        if sharding():
+            state = {
+                "fingerprint": self.fingerprint,
+                "progress": progress,
+                "scheduler": self.scheduler.state_dict(),
+            }
+            path = save_sharded(self.checkpoint_dir, self.model, self.optimizer, self.best, state, self.rng)
+            self.saved_step = self.progress.step
+            logger.info("sharded recovery checkpoint at step %d written to %s", self.progress.step, path)
+            return path
         payload = {
             "fingerprint": self.fingerprint,
             "progress": progress,
@@ -364,6 +403,10 @@ class _Run:
         logger.info("recovery checkpoint at step %d written to %s", self.progress.step, path)
         return path
 
+    def read_checkpoint(self) -> dict | None:
+        """The checkpoint in ``checkpoint_dir`` (sharded under torch.distributed), or None."""
+        return read_state(self.checkpoint_dir) if sharding() else load_checkpoint(self.checkpoint_dir)
+
     def resume(self, state: dict) -> None:
         """Continue from a checkpoint made by the same run (same model, windows and settings)."""
         differs = [k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k]]
@@ -372,11 +415,14 @@ class _Run:
                 f"cannot resume from {self.checkpoint_dir}: its run had different {', '.join(differs)} "
                 f"(only {', '.join(RESUMABLE_CHANGES)} may change)"
             )
-        with torch.no_grad():
-            for n, t in self.params.items():
-                t.copy_(state["trainable"][n])
-        self.best = {n: t.to(self.params[n].device) for n, t in state["best"].items()}
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharding():
+            self.best, state["rng"] = load_sharded(self.checkpoint_dir, state, self.model, self.optimizer, self.params)
+        else:
+            with torch.no_grad():
+                for n, t in self.params.items():
+                    t.copy_(state["trainable"][n])
+            self.best = {n: t.to(self.params[n].device) for n, t in state["best"].items()}
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = _Progress(**state["progress"])
         self.rng = state["rng"]

@@ -27,6 +27,8 @@ CRITERION_KINDS = {
     "block_influence": ("layers",),
     "sensitivity": ("heads", "kv_heads", "layers"),
     "obs": ("heads", "kv_heads", "channels"),
+    "taylor_local": ("heads", "kv_heads", "channels", "layers"),
+    "fisher_local": ("heads", "kv_heads", "channels", "layers"),
 }
 
 
@@ -40,7 +42,8 @@ def score(
     """Score every unit the criterion covers, over the calibration batches (token id tensors).
 
     ``obs`` works from the output projections' input Gram matrices: pass ``grams`` (all layers) to reuse them,
-    and ``damping`` is its ridge term.
+    and ``damping`` is its ridge term. ``taylor_local`` and ``fisher_local`` run one layer at a time
+    (fastprune.layerwise.stats explains them).
     """
     if criterion == "obs":
         from fastprune.scoring.obs import obs_scores
@@ -49,6 +52,11 @@ def score(
             layers = list(range(len(adapter.layers)))
             grams = collect_grams(adapter, batches, layers, layers)
         scores = obs_scores(adapter, grams, damping)
+    elif criterion in ("taylor_local", "fisher_local"):
+        from fastprune.layerwise import score_layerwise
+
+        # The probes are seeded like everything else in a run (fastprune.prune seeds torch with config.seed).
+        return score_layerwise(adapter, batches, criterion, damping, seed=torch.initial_seed())
     else:
         scores = _run_criterion(adapter, batches, criterion)
     scores.info["param_costs"] = dataclasses.asdict(adapter.param_costs())

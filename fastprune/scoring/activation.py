@@ -32,6 +32,18 @@ class InputStats:
     tokens: int
 
 
+def column_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of every input column of ``x`` ``[..., n]`` over its tokens (float64 ``[n]``)."""
+    return x.detach().flatten(0, -2).float().pow(2).sum(0).double()
+
+
+def column_sumsq_and_activity(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input column: sum of squares, and on how many tokens it is active (above a tenth of the batch's RMS)."""
+    sq = x.detach().flatten(0, -2).float().pow(2)
+    threshold = (ACTIVE_FRACTION_OF_RMS**2) * sq.mean()
+    return sq.sum(0).double(), (sq > threshold).sum(0).double()
+
+
 def collect_input_stats(adapter: Adapter, batches: list[torch.Tensor]) -> InputStats:
     """Run the calibration batches once, summing squares (and activity) of every pruned input column."""
     n = len(adapter.layers)
@@ -42,18 +54,15 @@ def collect_input_stats(adapter: Adapter, batches: list[torch.Tensor]) -> InputS
 
     def on_heads(i):
         def hook(_module, args):
-            x = args[0].detach().flatten(0, -2).float()
-            head_sumsq[i] += x.pow(2).sum(0).double()
+            head_sumsq[i] += column_sumsq(args[0])
 
         return hook
 
     def on_channels(i):
         def hook(_module, args):
-            x = args[0].detach().flatten(0, -2).float()
-            sq = x.pow(2)
-            channel_sumsq[i] += sq.sum(0).double()
-            threshold = (ACTIVE_FRACTION_OF_RMS**2) * sq.mean()
-            channel_active[i] += (sq > threshold).sum(0).double()
+            sumsq, active = column_sumsq_and_activity(args[0])
+            channel_sumsq[i] += sumsq
+            channel_active[i] += active
 
         return hook
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -21,10 +21,11 @@ class UnitSlice:
     group_size: int
 
 
-def unit_slices(adapter: Adapter) -> Iterator[UnitSlice]:
-    """Every (weight or bias, dim, group) that belongs to a prunable unit, layer by layer."""
+def unit_slices(adapter: Adapter, layers: Iterable[int] | None = None) -> Iterator[UnitSlice]:
+    """Every (weight or bias, dim, group) that belongs to a prunable unit, layer by layer (all layers, or the
+    given ones)."""
     d = adapter.head_dim
-    for i in range(len(adapter.layers)):
+    for i in range(len(adapter.layers)) if layers is None else layers:
         att, mlp = adapter.attention(i), adapter.mlp(i)
         parts = [
             ("heads", att.q, 0, d),

@@ -13,13 +13,15 @@ from fastprune.scoring.activation import InputStats, per_head
 from fastprune.scoring.scores import Scores
 
 
-def _column_scores(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
-    return weight.detach().double().abs().sum(0) * sumsq.sqrt()
+def column_scores(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+    """Per input column j of ``weight``: sum_i |W_ij| * sqrt(sumsq_j)."""
+    # Summed in float64 without a float64 copy of the weight (hundreds of MB for a large model's MLP).
+    return weight.detach().abs().sum(0, dtype=torch.float64) * sumsq.sqrt()
 
 
 def wanda_scores(adapter: Adapter, stats: InputStats) -> Scores:
     d = adapter.head_dim
     n = len(adapter.layers)
-    heads = [per_head(_column_scores(adapter.attention(i).o.weight, stats.head_sumsq[i]), d) for i in range(n)]
-    channels = [_column_scores(adapter.mlp(i).output.weight, stats.channel_sumsq[i]) for i in range(n)]
+    heads = [per_head(column_scores(adapter.attention(i).o.weight, stats.head_sumsq[i]), d) for i in range(n)]
+    channels = [column_scores(adapter.mlp(i).output.weight, stats.channel_sumsq[i]) for i in range(n)]
     return Scores("wanda", adapter.shape(), heads=heads, channels=channels)
