@@ -5,24 +5,17 @@ import math
 
 import pytest
 import torch
+from tinymodels import require_bundled
 from transformers import AutoModel, AutoModelForCausalLM
 
 import fastprune
 from fastprune.cli import main
-from fastprune.models import bundled_path
 
 pytestmark = pytest.mark.realmodel
 
 
-def _require(name):
-    try:
-        bundled_path(name)
-    except fastprune.FastpruneError as exc:
-        pytest.skip(str(exc))
-
-
 def test_cli_prunes_smollm2_and_the_output_reloads_with_plain_from_pretrained(tmp_path, capsys):
-    _require("smollm2")
+    require_bundled("smollm2")
     out = tmp_path / "smol"
     code = main(
         [
@@ -66,7 +59,7 @@ def test_cli_prunes_smollm2_and_the_output_reloads_with_plain_from_pretrained(tm
 
 
 def test_minilm_head_pruning_keeps_embeddings_close_and_reloads(tmp_path, capsys):
-    _require("minilm")
+    require_bundled("minilm")
     out = tmp_path / "minilm"
     code = main(
         [

@@ -3,6 +3,7 @@ the plan and the output weights (float32, 1e-5), also with sequential calibratio
 
 import pytest
 import torch
+from tinymodels import require_bundled
 
 import fastprune
 from fastprune.adapters import adapter_for
@@ -11,7 +12,7 @@ from fastprune.layerwise import LAYER_LOCAL_CRITERIA
 from fastprune.layerwise.driver import score_layers
 from fastprune.layerwise.shards import SafetensorsCheckpoint
 from fastprune.layerwise.stream import StreamHolder, check_checkpoint, prune_streaming, skeleton
-from fastprune.models import bundled_path, resolve_source
+from fastprune.models import resolve_source
 from fastprune.pipeline import calibration_windows
 from fastprune.scoring import score
 
@@ -22,10 +23,7 @@ CAL = CalibrationConfig(num_samples=24, seq_len=256, batch_size=4)  # 6144 token
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        bundled_path("smollm2")
-    except fastprune.FastpruneError as exc:
-        pytest.skip(str(exc))
+    require_bundled("smollm2")
     return fastprune.load_source("smollm2")
 
 

@@ -1,4 +1,5 @@
-"""Tiny random models built from configs (milliseconds), a character tokenizer, random plans."""
+"""Tiny random models built from configs (milliseconds), a character tokenizer, random plans, and the skip for a
+missing bundled model."""
 
 from __future__ import annotations
 
@@ -147,3 +148,16 @@ def random_plan(shape, seed: int, drop: int = 1, gqa: str = "query_heads") -> Pl
 
 def token_batch(batch: int = 2, length: int = 19, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def require_bundled(name: str) -> None:
+    """Skip the calling test when the bundled model ``name`` (smollm2, minilm) is not installed."""
+    import pytest
+
+    import fastprune
+    from fastprune.models import bundled_path
+
+    try:
+        bundled_path(name)
+    except fastprune.FastpruneError as exc:
+        pytest.skip(str(exc))

@@ -5,25 +5,18 @@ import json
 
 import pytest
 import torch
+from tinymodels import require_bundled
 
 import fastprune
 from fastprune.cli import main
-from fastprune.models import bundled_path
 from fastprune.ops import Sparse24Linear
 from fastprune.sparsity.modules import densify
 
 pytestmark = pytest.mark.realmodel
 
 
-def _require(name):
-    try:
-        bundled_path(name)
-    except fastprune.FastpruneError as exc:
-        pytest.skip(str(exc))
-
-
 def test_cli_sparsifies_smollm2_and_the_kernels_equal_the_masked_dense_model(tmp_path, capsys):
-    _require("smollm2")
+    require_bundled("smollm2")
     out = tmp_path / "smol-24"
     args = ["sparsify", "--criterion", "wanda", "--samples", "4", "--seq-len", "128", "--no-eval", "--out", str(out)]
     assert main(args) == 0, capsys.readouterr().err
@@ -48,7 +41,7 @@ def test_gguf_q8_0_of_smollm2_reloads_in_transformers_with_the_same_perplexity(t
     from fastprune.evaluation import perplexity
     from fastprune.export import export_gguf
 
-    _require("smollm2")
+    require_bundled("smollm2")
     loaded = fastprune.load_source("smollm2")
     path = export_gguf(loaded.model, loaded.tokenizer, tmp_path / "smol.q8_0.gguf", "q8_0")
     gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
