@@ -29,10 +29,11 @@ $(BASE):
 	touch $@
 
 # The wheel users install, native kernels included. A stale build/lib would ship deleted modules, so it goes;
-# the compiled objects in build/temp* stay and are reused.
+# the compiled objects in build/temp* stay and are reused. A kernel that fails to compile fails the build here
+# (users' `pip install .` warns and falls back to the PyTorch references instead).
 $(WHEEL_STAMP): $(BASE) pyproject.toml setup.py MANIFEST.in $(NATIVE_SOURCES) $(PACKAGE_FILES)
 	rm -rf build/lib* $(WHEEL_DIR)/fastprune-*.whl
-	MAX_JOBS=2 $(PIP) wheel --quiet --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	FASTPRUNE_STRICT_BUILD=1 MAX_JOBS=2 $(PIP) wheel --quiet --no-build-isolation --no-deps -w $(WHEEL_DIR) .
 	touch $@
 
 # The development install: editable (edits take effect at once), with the native modules of the wheel, so the
@@ -42,7 +43,7 @@ $(STAMP): $(BASE) pyproject.toml setup.py MANIFEST.in $(NATIVE_SOURCES)
 	FASTPRUNE_NATIVE=0 $(PIP) install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
 	rm -f fastprune/_cpu_*.so fastprune/_cuda_*.so
 	$(PY) -c 'import glob, zipfile; w = zipfile.ZipFile(glob.glob("$(WHEEL_DIR)/fastprune-*.whl")[0]); \
-		[w.extract(n) for n in w.namelist() if n.startswith("fastprune/_")]'
+		[w.extract(n) for n in w.namelist() if n.startswith(("fastprune/_cpu_", "fastprune/_cuda_"))]'
 	touch $@
 
 # Prune 25% of SmolLM2's non-embedding parameters (planner's choice of heads and MLP channels, same widths in every

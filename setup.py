@@ -19,6 +19,7 @@ warns once. Environment switches:
 - ``FASTPRUNE_STRICT_BUILD=1``: build failures are fatal. ``FASTPRUNE_BUILD_ONLY=<family>``: build one family.
 """
 
+import copy
 import os
 import shutil
 import subprocess
@@ -106,7 +107,11 @@ def _build_ext_class():
                 if isinstance(ext, NvccExtension):
                     self._build_nvcc(ext)
                 else:
-                    super().build_extension(ext)
+                    # setup.cfg builds two extensions at once, and torch writes one build.ninja per build_temp:
+                    # a shared one is overwritten mid-build (an object then goes missing), so each gets its own.
+                    own = copy.copy(self)
+                    own.build_temp = os.path.join(self.build_temp, ext.name)
+                    BuildExtension.build_extension(own, ext)
             except Exception as exc:  # keep the pure-Python package installable
                 if STRICT:
                     raise
