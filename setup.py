@@ -157,7 +157,7 @@ def _build_ext_class():
 
 setup(
     # The Triton kernels live in kernels/ and install as fastprune.kernels.
-    packages=[*find_packages(include=["fastprune", "fastprune.*"]), "fastprune.kernels"],
+    packages=find_packages(include=["fastprune", "fastprune.*"]) + ["fastprune.kernels"],
     package_dir={"fastprune.kernels": "kernels"},
     include_package_data=True,  # non-Python files inside the packages (declared in MANIFEST.in) ship too
     ext_modules=_extensions(),
