@@ -40,6 +40,22 @@ def _check_ratio(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be in [0, 1); got {value!r}")
 
 
+def check_target(config, names: tuple[str, ...], counts: tuple[str, ...]) -> str | None:
+    """The one target among ``names`` that ``config`` sets (None if none), checked: a positive number, and for the
+    targets in ``counts`` a fraction to remove below 1 or a whole count to keep from 1."""
+    targets = [n for n in names if getattr(config, n) is not None]
+    if len(targets) > 1:
+        raise ConfigError(f"give one target at a time; got {', '.join(targets)}")
+    if not targets:
+        return None
+    name, value = targets[0], getattr(config, targets[0])
+    if not isinstance(value, int | float) or not value > 0 or value != value:
+        raise ConfigError(f"{name} must be a positive number; got {value!r}")
+    if name in counts and value >= 1 and value != int(value):
+        raise ConfigError(f"{name} below 1 is a fraction to remove, from 1 a whole count to keep; got {value!r}")
+    return name
+
+
 @dataclass
 class CalibrationConfig:
     """How calibration text becomes batches: ``num_samples`` windows of ``seq_len`` tokens for scoring, up to
@@ -118,21 +134,12 @@ class PruningConfig:
             _check_choice("granularity", g, GRANULARITIES)
         for name in ("head_ratio", "channel_ratio", "layer_ratio"):
             _check_ratio(name, getattr(self, name))
-        targets = [n for n in TARGETS if getattr(self, n) is not None]
-        if len(targets) > 1:
-            raise ConfigError(f"give one target at a time; got {', '.join(targets)}")
-        if targets:
-            value = getattr(self, targets[0])
-            if not isinstance(value, int | float) or not value > 0 or value != value:
-                raise ConfigError(f"{targets[0]} must be a positive number; got {value!r}")
-            if targets[0] == "target_params" and value >= 1 and value != int(value):
-                raise ConfigError(
-                    f"target_params below 1 is a fraction to remove, from 1 a whole count to keep; got {value!r}"
-                )
+        target = check_target(self, TARGETS, counts=("target_params",))
+        if target is not None:
             if not self.granularities:
-                raise ConfigError(f"{targets[0]} needs at least one granularity to prune")
+                raise ConfigError(f"{target} needs at least one granularity to prune")
             if any(getattr(self, f"{n}_ratio") for n in ("head", "channel", "layer")):
-                raise ConfigError(f"give either {targets[0]} or per-granularity ratios, not both")
+                raise ConfigError(f"give either {target} or per-granularity ratios, not both")
         _check_choice("latency_kind", self.latency_kind, LATENCY_KINDS)
         for name in ("memory_context", "latency_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

@@ -146,19 +146,11 @@ class Plan:
             raise PlanError(f"malformed plan: {exc}") from exc
 
     def save(self, path: str | Path) -> None:
-        from fastprune.io import atomic_write_text
-
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        write_plan_file(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(read_plan_file(path))
 
     def check_fits(self, shape: ModelShape) -> None:
         """Refuse to apply this plan to a model of another shape."""
@@ -619,3 +611,21 @@ def _layers_for_budget(planner: _Planner, budget: Budget, current: float) -> Pla
             f"(down to {current:.6g} at best)"
         )
     return Plan(shape, drop_layers=drop)
+
+
+def write_plan_file(d: dict, path: str | Path) -> None:
+    """Write a plan's dict as JSON, atomically."""
+    from fastprune.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(d, indent=1) + "\n")
+
+
+def read_plan_file(path: str | Path) -> dict:
+    """A plan file's JSON, with a PlanError naming the file when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"plan file {path} is not valid JSON: {exc}") from exc

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastprune.cnn.criteria import CNN_CRITERIA
-from fastprune.config import RANKINGS
+from fastprune.config import RANKINGS, check_target
 from fastprune.errors import ConfigError
 
 CNN_TARGETS = ("target_params", "target_flops", "target_latency_ms")
@@ -53,17 +53,9 @@ class CnnPruningConfig:
             raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}; got {self.ranking!r}")
         if not isinstance(self.filter_ratio, int | float) or not 0.0 <= self.filter_ratio < 1.0:
             raise ConfigError(f"filter_ratio must be in [0, 1); got {self.filter_ratio!r}")
-        targets = [n for n in CNN_TARGETS if getattr(self, n) is not None]
-        if len(targets) > 1:
-            raise ConfigError(f"give one target at a time; got {', '.join(targets)}")
-        if targets:
-            value = getattr(self, targets[0])
-            if not isinstance(value, int | float) or not value > 0 or value != value:
-                raise ConfigError(f"{targets[0]} must be a positive number; got {value!r}")
-            if targets[0] != "target_latency_ms" and value >= 1 and value != int(value):
-                raise ConfigError(f"{targets[0]} below 1 is a fraction to remove, from 1 a whole count to keep")
-            if self.filter_ratio:
-                raise ConfigError(f"give either {targets[0]} or filter_ratio, not both")
+        target = check_target(self, CNN_TARGETS, counts=("target_params", "target_flops"))
+        if target is not None and self.filter_ratio:
+            raise ConfigError(f"give either {target} or filter_ratio, not both")
         if len(self.input_size) < 2 or not all(isinstance(n, int) and n > 0 for n in self.input_size):
             raise ConfigError(
                 f"input_size must be channels and spatial sizes, e.g. (3, 224, 224); got {self.input_size}"

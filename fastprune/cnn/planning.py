@@ -10,7 +10,6 @@ cost model, since a CNN's cost is bilinear in its widths (fastprune.cnn.costs).
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from fastprune.cnn.costs import CostModel
 from fastprune.cnn.criteria import COMPARABLE
 from fastprune.cnn.graph import ChannelGraph, Group
 from fastprune.errors import PlanError
+from fastprune.planning import read_plan_file, write_plan_file
 
 CNN_PLAN_FORMAT = 1
 
@@ -97,19 +97,11 @@ class CnnPlan:
             raise PlanError(f"malformed CNN plan: {exc}") from exc
 
     def save(self, path: str | Path) -> None:
-        from fastprune.io import atomic_write_text
-
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        write_plan_file(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> CnnPlan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(read_plan_file(path))
 
 
 class CnnPlanner:
