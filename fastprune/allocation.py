@@ -4,7 +4,8 @@ Unit scores say which units of a layer matter least, and obs's are output errors
 unit of error in one layer does not cost the model's loss what it costs in another. So: plan the uniform cut,
 measure the calibration loss increase when each layer alone is cut that way (with its refit, by masking, no
 copy), divide by the score mass that cut removed, and weight every score of the layer by that ratio. A global
-ranking of the weighted scores then moves cuts from sensitive layers to robust ones, and widths differ per layer.
+ranking of the weighted scores then moves cuts from sensitive layers to robust ones, within a band around the
+uniform cut (``SPREAD``), and widths differ per layer.
 The planner takes ``ranking="loss_weighted"`` as a global ranking of scores that ``weigh_layers`` weighted.
 """
 
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 #: Calibration windows each layer's loss increase is measured on (paired with the unpruned loss, so few suffice).
 SENSITIVITY_WINDOWS = 8
+#: How far a layer's cut may move from the uniform cut, as a fraction of its width (OWL bounds its per-layer
+#: sparsities similarly; a loss rise measured at the uniform cut says little about much larger or smaller cuts).
+SPREAD = 0.1
 
 
 def weigh_layers(
@@ -34,9 +38,37 @@ def weigh_layers(
     """``scores`` weighted per layer by measured loss increase per unit of score (recorded in ``info``)."""
     uniform = make_plan(scores, dataclasses.replace(config, ranking="per_layer"), costs, budget, warn=False)
     weights = layer_weights(adapter, uniform, scores, batches, grams, config.damping if config.reconstruct else None)
-    out = weighted(scores, weights)
+    out = bounded(weighted(scores, weights), uniform, SPREAD)
     out.info = {**scores.info, "layer_weights": [round(float(w), 6) for w in weights]}
     return out
+
+
+def bounded(scores: Scores, uniform: Plan, spread: float) -> Scores:
+    """Scores that keep every layer's cut within ``spread`` of its width around the uniform plan's cut.
+
+    Per layer and kind (heads, channels), the units the uniform plan would cut minus ``spread`` x width get score
+    0 (taken first) and those beyond its cut plus ``spread`` x width a score above all others (taken only if the
+    budget cannot be met otherwise); the order of the rest is untouched, so a global ranking moves cuts between
+    layers only within the band.
+    """
+    top = max(float(t.max()) for kind in ("heads", "channels") for t in (getattr(scores, kind) or []))
+    never = 1e6 * max(top, 1e-30)
+    changed = {}
+    for kind in ("heads", "channels"):
+        per_layer = getattr(scores, kind)
+        if per_layer is None:
+            continue
+        out = []
+        for i, t in enumerate(per_layer):
+            n, cut = t.numel(), len(getattr(uniform.cut(i), kind))
+            band = round(spread * n)
+            order = t.argsort(stable=True)
+            t = t.clone()
+            t[order[: max(0, cut - band)]] = 0.0
+            t[order[min(n, cut + band) :]] = never
+            out.append(t)
+        changed[kind] = out
+    return dataclasses.replace(scores, **changed)
 
 
 def layer_weights(

@@ -8,11 +8,11 @@ from tinymodels import tiny_decoder
 
 import fastprune
 from fastprune.adapters import adapter_for
-from fastprune.allocation import SENSITIVITY_WINDOWS, layer_weights, weighted
+from fastprune.allocation import SENSITIVITY_WINDOWS, SPREAD, bounded, layer_weights, weighted
 from fastprune.config import CalibrationConfig, PruningConfig
 from fastprune.data import pydoc_text, token_windows
 from fastprune.errors import PlanError
-from fastprune.planning import Plan, make_plan
+from fastprune.planning import LayerCut, Plan, make_plan
 from fastprune.reconstruction import collect_grams, reconstruct
 from fastprune.scoring import score_for_config
 from fastprune.surgery import apply_plan
@@ -92,17 +92,29 @@ def test_prune_cuts_less_where_the_loss_rises_more(setup, tokenizer):
     lw = results["loss_weighted"].plan
     weights = lw.info["layer_weights"]
     assert len(weights) == 4 and max(weights) > 2 * min(weights)
-    # The plan is the global ranking of the weighted scores, which differs from the unweighted global ranking.
-    scores = results["global"].scores
-    again = make_plan(
-        weighted(scores, torch.tensor(weights)),
-        PruningConfig(criterion="obs", target_params=0.5, ranking="global"),
-        adapter_for(model).param_costs(),
-    )
+    # The plan is the global ranking of the weighted scores, bounded around the uniform cut.
+    scores, uniform = results["global"].scores, results["per_layer"].plan
+    global_config = PruningConfig(criterion="obs", target_params=0.5, ranking="global")
+    costs = adapter_for(model).param_costs()
+    again = make_plan(bounded(weighted(scores, torch.tensor(weights)), uniform, SPREAD), global_config, costs)
     assert again.cuts == lw.cuts
-    assert lw.cuts != results["global"].plan.cuts
-    assert lw.info["layer_weights"] != [1.0] * 4
+    assert lw.cuts != uniform.cuts and lw.cuts != results["global"].plan.cuts
+    for i in range(4):
+        band = round(SPREAD * uniform.shape.layers[i].channels) + global_config.round_to  # (widths round to 8)
+        assert abs(len(lw.cut(i).channels) - len(uniform.cut(i).channels)) <= band
     assert lw.info["config"]["ranking"] == "loss_weighted"
+
+
+def test_bounded_scores_force_and_forbid_outside_the_band(setup):
+    *_, scores = setup
+    uniform = Plan(scores.shape, {0: LayerCut(channels=list(range(10)))})
+    out = bounded(scores, uniform, 0.1)  # 44 channels: band 4, so 6 forced and everything past 14 forbidden
+    order = scores.channels[0].argsort(stable=True)
+    assert (out.channels[0][order[:6]] == 0).all()
+    assert (out.channels[0][order[14:]] > 1e5 * scores.channels[0].max()).all()
+    assert torch.equal(out.channels[0][order[6:14]], scores.channels[0][order[6:14]])
+    assert (out.channels[1] != 0).all()  # uncut: none forced
+    assert (out.channels[1][scores.channels[1].argsort(stable=True)[4:]] > 1e5 * scores.channels[1].max()).all()
 
 
 def test_unweighted_scores_cannot_be_planned_loss_weighted(setup):
