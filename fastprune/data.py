@@ -251,8 +251,8 @@ def text_windows(
 ) -> TokenWindows:
     """Windows of one text (as ``token_windows``) or of a mix ``a:w1+b:w2``, shared out by weight.
 
-    A mix takes ``max_windows`` windows in all, each source giving its share (largest-remainder rounding, at
-    least one) from its start; a source shorter than its share gives what it has.
+    A mix takes ``max_windows`` windows in all, each source giving its share (proportional, largest-remainder
+    rounding, at least one) from its start; a source shorter than its share gives what it has.
     """
     parts = parse_mix(spec)
     if len(parts) == 1 and parts[0][1] == 1.0:
@@ -278,11 +278,12 @@ def text_windows(
 
 
 def _shares(total: int, weights: list[float]) -> list[int]:
-    """``total`` split in proportion to ``weights``: one each, the rest by largest remainder."""
-    rest = total - len(weights)
-    exact = [rest * w / sum(weights) for w in weights]
-    shares = [1 + int(x) for x in exact]
+    """``total`` split in proportion to ``weights`` (largest remainder), every share at least one."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [max(1, int(x)) for x in exact]
     by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    for i in by_remainder[: total - sum(shares)]:
+    for i in by_remainder[: max(0, total - sum(shares))]:
         shares[i] += 1
+    while sum(shares) > total:  # the minimum of one pushed the sum over: take from the largest
+        shares[shares.index(max(shares))] -= 1
     return shares

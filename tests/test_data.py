@@ -97,3 +97,35 @@ def test_stdlib_docstrings_leave_out_the_idle_package():
     functools = ast.parse((STDLIB_DIR / "functools.py").read_text(encoding="utf-8"))
     lru_cache = next(n for n in functools.body if isinstance(n, ast.FunctionDef) and n.name == "lru_cache")
     assert ast.get_docstring(lru_cache) in text
+
+
+def test_prune_calibrates_on_the_mix_it_is_given(tmp_path, tokenizer):
+    import fastprune
+    from fastprune.config import CalibrationConfig, PruningConfig
+    from tinymodels import tiny_decoder
+
+    a, b = _text(tmp_path, "a.txt", "a", 3000), _text(tmp_path, "b.txt", "b", 3000)
+    config = PruningConfig(criterion="obs", channel_ratio=0.25, calibration=CalibrationConfig(4, 32, 2))
+    model = tiny_decoder()
+    plans = {spec: fastprune.prune(model, config, spec, tokenizer).plan for spec in (a, f"{a}:1+{b}:3")}
+    assert plans[f"{a}:1+{b}:3"].info["calibration"]["parts"] == {a: 1, b: 3}
+    assert "parts" not in plans[a].info["calibration"]
+    # Other calibration text, other statistics: the chosen channels differ.
+    assert plans[a].cuts != plans[f"{a}:1+{b}:3"].cuts
+
+
+@pytest.mark.parametrize(
+    ("total", "weights", "expected"),
+    [(4, [1, 3], [1, 3]), (32, [3, 1], [24, 8]), (5, [1, 1, 1], [2, 2, 1]), (3, [10, 1, 1], [1, 1, 1])],
+)
+def test_shares_are_proportional_sum_to_the_total_and_give_every_source_one(total, weights, expected):
+    from fastprune.data import _shares
+
+    assert _shares(total, weights) == expected
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        w = (torch.rand(int(torch.randint(1, 6, (1,), generator=g)), generator=g) + 0.01).tolist()
+        n = len(w) + int(torch.randint(0, 100, (1,), generator=g))
+        shares = _shares(n, w)
+        assert sum(shares) == n and min(shares) >= 1
+        assert all(abs(s - n * x / sum(w)) < 1 + 1e-9 or s == 1 for s, x in zip(shares, w, strict=True))

@@ -78,3 +78,18 @@ def test_teacher_text_needs_a_teacher():
         RecoveryConfig(teacher_text=1.5)
     with pytest.raises(ConfigError, match="teacher"):
         recover(tiny_decoder(), None, _windows(), RecoveryConfig(mode="lora", teacher_text=0.5))
+
+
+def test_the_time_the_teacher_spends_writing_counts_against_the_budget(cache, monkeypatch):
+    import time
+
+    from fastprune.recovery import trainer
+
+    def slow_writer(teacher, windows, seed):
+        time.sleep(1.0)
+        return windows
+
+    monkeypatch.setattr(trainer, "teacher_windows", slow_writer)
+    config = RecoveryConfig(lr=1e-3, max_steps=2, batch_size=2, teacher_text=0.5, time_budget_min=5)
+    result = recover(tiny_decoder(seed=2), tiny_decoder(seed=1).eval(), _windows(n=12), config)
+    assert result.seconds >= 1.0

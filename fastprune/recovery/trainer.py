@@ -124,11 +124,13 @@ def recover(
         raise ConfigError("resume needs the checkpoint_dir of the interrupted run")
     ids = _window_ids(windows)
     train_ids, val_ids = split_windows(ids, config.val_fraction, config.seed)
+    t0 = time.perf_counter()
     if config.teacher_text > 0:
         if teacher is None:
             raise ConfigError("teacher_text needs a teacher to write the text")
         k = max(1, round(config.teacher_text * len(train_ids)))  # held-out windows stay real text
         train_ids = torch.cat([teacher_windows(teacher, train_ids[:k], config.seed), train_ids[k:]])
+    writing_seconds = time.perf_counter() - t0  # (part of the time budget)
     adapter = adapter_for(student)
     sharded, plain_class = sharding(), type(student)
     if sharded:
@@ -149,8 +151,10 @@ def recover(
             state = run.read_checkpoint() if resume else None
             if state is not None:
                 run.resume(state)
-            elif resume:
-                logger.info("no recovery checkpoint in %s; starting from the beginning", checkpoint_dir)
+            else:
+                run.progress.seconds = writing_seconds
+                if resume:
+                    logger.info("no recovery checkpoint in %s; starting from the beginning", checkpoint_dir)
             run.train()
         except BaseException:
             # Leave the student without adapters, as it came, so that an in-process resume can wrap it again.
