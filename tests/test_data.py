@@ -100,9 +100,10 @@ def test_stdlib_docstrings_leave_out_the_idle_package():
 
 
 def test_prune_calibrates_on_the_mix_it_is_given(tmp_path, tokenizer):
+    from tinymodels import tiny_decoder
+
     import fastprune
     from fastprune.config import CalibrationConfig, PruningConfig
-    from tinymodels import tiny_decoder
 
     a, b = _text(tmp_path, "a.txt", "a", 3000), _text(tmp_path, "b.txt", "b", 3000)
     config = PruningConfig(criterion="obs", channel_ratio=0.25, calibration=CalibrationConfig(4, 32, 2))
