@@ -36,8 +36,9 @@ from fastprune.pipeline import recovery_windows
 from fastprune.recovery import RecoveryConfig, recover
 
 EVAL_TEXTS = ("pydoc:heldout", "licenses", "gnu-manuals", "idle-manual")
-#: The defaults before issue 15: Python's docs only, the same cut in every layer, each layer from the dense model.
-BEFORE = {"calibration": "pydoc:calibration", "ranking": "per_layer", "sequential": False}
+#: The defaults before issue 15: 32 windows of Python's docs only, the same cut in every layer, each layer from the
+#: dense model.
+BEFORE = {"calibration": "pydoc:calibration", "samples": 32, "ranking": "per_layer", "sequential": False}
 #: Recovery before issue 15: two epochs at 2e-5 (the time budget only stopped it).
 RECOVERY_BEFORE = {"lr": 2e-5, "epochs": 2, "fit_budget": False}
 RESULTS = Path(__file__).parent / "results" / "quality"
@@ -65,6 +66,7 @@ def rows() -> list[Row]:
             Row(f"mix-{t}", target, "calibration mix", {**BEFORE, "calibration": DEFAULT_CALIBRATION}),
             Row(f"lw-{t}", target, "loss-weighted widths", {**BEFORE, "ranking": "loss_weighted"}),
             Row(f"seq-{t}", target, "sequential calibration", {**BEFORE, "sequential": True}),
+            Row(f"samples-{t}", target, "128 calibration windows", {**BEFORE, "samples": 128}),
             Row(f"new-{t}", target, "the new defaults", {}),
             Row(f"before-{t}+rec", target, "none, 20-min recovery (before)", dict(BEFORE), 20.0, dict(RECOVERY_BEFORE)),
             Row(f"new-{t}+rec", target, "the new defaults, 20-min recovery", {}, 20.0),
@@ -75,12 +77,14 @@ def rows() -> list[Row]:
 def prune_row(loaded, row: Row, samples: int) -> tuple[torch.nn.Module, dict]:
     settings = dict(row.settings)
     calibration = settings.pop("calibration", DEFAULT_CALIBRATION)
-    config = PruningConfig(target_params=row.target, calibration=CalibrationConfig(num_samples=samples), **settings)
+    windows = settings.pop("samples", samples) or CalibrationConfig().num_samples
+    config = PruningConfig(target_params=row.target, calibration=CalibrationConfig(num_samples=windows), **settings)
     t0 = time.perf_counter()
     result = fastprune.prune(loaded.model, config, calibration, loaded.tokenizer)
     info = {
         "calibration": calibration,
         "config": {k: v for k, v in config.to_dict().items() if k in ("ranking", "sequential", "damping")},
+        "samples": windows,
         "prune_s": round(time.perf_counter() - t0, 1),
         "removed_fraction": round(result.plan.info["removed_fraction"], 4),
     }
@@ -155,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", help="comma-separated row names (default: all); 'dense' is always measured")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--samples", type=int, help="calibration windows (default: the library's default)")
     args = parser.parse_args()
     wanted = rows() if not args.rows else [r for r in rows() if r.name in args.rows.split(",")]
     if args.rows and len(wanted) != len(args.rows.split(",")):

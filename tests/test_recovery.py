@@ -469,7 +469,7 @@ def test_gradient_checkpointing_does_not_change_the_result(text_windows, teacher
 
 # -- configuration -----------------------------------------------------------------------------------------
 def test_config_defaults_and_round_trip():
-    assert RecoveryConfig().learning_rate == 2e-5
+    assert RecoveryConfig().learning_rate == 5e-5
     assert RecoveryConfig(mode="finetune").learning_rate == 2e-5
     assert RecoveryConfig(mode="lora").learning_rate == 2e-4
     assert RecoveryConfig(mode="lora", lr=1e-3).learning_rate == 1e-3
