@@ -61,7 +61,9 @@ class CalibrationConfig:
     """How calibration text becomes batches: ``num_samples`` windows of ``seq_len`` tokens for scoring, up to
     ``recovery_samples`` windows for recovery."""
 
-    num_samples: int = 32
+    # 64 windows of 256 tokens: measured against 32 and 128 (benchmarks/results/quality-exploration.md), 64 takes
+    # most of what 128 gains on held-out text and keeps the default prune near a minute on 2 cores.
+    num_samples: int = 64
     seq_len: int = 256
     batch_size: int = 4
     # Windows recovery trains on: more text than scoring needs, and enough that a 20-minute budget on 2 cores
