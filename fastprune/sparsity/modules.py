@@ -83,7 +83,7 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def pick_faster_products(model: nn.Module, rounds: int = 15, calls: int = 10) -> list[str]:
+def pick_faster_products(model: nn.Module, rounds: int = 7, calls: int = 5) -> list[str]:
     """Per shape of the model's CPU ``Sparse24Linear`` layers, time one token through the 2:4 kernel and through
     the masked dense weight (``rounds`` interleaved rounds of ``calls`` products; the fastest round of each, as
     other processes only ever add time); layers of the shapes where dense is faster run dense
