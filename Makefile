@@ -8,7 +8,7 @@ DEMO_OUT ?= runs/demo-smollm2
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo demo-cnn test check-install test-transformers test-all test-vision bench bench-cnn compare study gpu-check \
-	rehearsal lint format clean
+	rehearsal quality lint format clean
 
 BASE := $(VENV)/.fastprune-base
 WHEEL_DIR := dist
@@ -117,6 +117,11 @@ compare: $(STAMP)
 # time per layer, projections for 8B and 70B; writes benchmarks/results/rehearsal-3b.{md,json}.
 rehearsal: $(STAMP)
 	$(PY) benchmarks/rehearsal.py
+
+# Quality on held-out text, the levers of issue 15 side by side at 25% and 40% (one-shot rows take minutes, each
+# recovered row 20 minutes): writes benchmarks/results/quality.{md,json}. QUALITY_ROWS=a,b runs some rows.
+quality: $(STAMP)
+	$(PY) benchmarks/quality.py $(if $(QUALITY_ROWS),--rows $(QUALITY_ROWS))
 
 # Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (34
 # minutes on 2 loaded cores): writes benchmarks/results/study-<machine>.{md,json,png}.

@@ -5,8 +5,8 @@ Public API::
     import fastprune
     loaded = fastprune.load_source()                      # bundled SmolLM2 (or a path / .gguf)
     config = fastprune.PruningConfig(criterion="taylor", head_ratio=1/3, channel_ratio=0.25)
-    result = fastprune.prune(loaded.model, config, "pydoc:calibration", tokenizer=loaded.tokenizer,
-                             evaluation=fastprune.EvalConfig())
+    result = fastprune.prune(loaded.model, config, "pydoc:calibration+stdlib-docstrings",
+                             tokenizer=loaded.tokenizer, evaluation=fastprune.EvalConfig())
     print(result.report.to_markdown())
     fastprune.save_result(result, loaded.tokenizer, "out/", loaded.inputs, config, loaded.name)
     model = fastprune.load("out/")

@@ -20,6 +20,7 @@ from fastprune.config import (
     CalibrationConfig,
     PruningConfig,
 )
+from fastprune.data import BUILTIN_SOURCES, DEFAULT_CALIBRATION
 from fastprune.errors import ConfigError, FastpruneError, OutputError
 from fastprune.recovery.config import MODES as RECOVERY_MODES
 
@@ -111,15 +112,16 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True, recovery:
     g = p.add_argument_group("calibration")
     g.add_argument(
         "--calibration",
-        default="pydoc:calibration",
-        help="calibration text: a UTF-8 file or pydoc:calibration (default: the first half of Python's docs topics; "
-        "evaluation uses the other half)",
+        default=DEFAULT_CALIBRATION,
+        help="calibration text: a UTF-8 file, a built-in text, or a mix a+b (weighted a:3+b:1) of them; built-in: "
+        f"{', '.join(BUILTIN_SOURCES)} (default {DEFAULT_CALIBRATION}: the first half of Python's docs topics and "
+        "the standard library's docstrings; evaluation uses other texts)",
     )
     g.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
     if recovery:
-        g.add_argument("--recovery-samples", type=int, default=256, help="windows recovery trains on (default 256)")
+        g.add_argument("--recovery-samples", type=int, default=1024, help="windows recovery trains on (default 1024)")
     if not scoring:
         return
     g.add_argument("--criterion", choices=CRITERIA, default="obs", help="importance criterion (default obs)")
@@ -176,7 +178,9 @@ def _add_planning(p: argparse.ArgumentParser) -> None:
         choices=RANKINGS,
         default="per_layer",
         help="per_layer: cut every layer alike, so plain from_pretrained loads the result (default); global: rank "
-        "units across layers, widths then differ per layer (loads with fastprune.load or trust_remote_code)",
+        "units across layers, widths then differ per layer (loads with fastprune.load or trust_remote_code); "
+        "loss_weighted: global, after weighting each layer's scores by the loss increase measured when that layer "
+        "alone is cut (per-layer widths that follow measured sensitivity)",
     )
     g.add_argument(
         "--gqa",
@@ -273,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="the pruned model directory")
     p.add_argument("--teacher", default=None, help="the dense model to distil from (default: its source model)")
-    p.add_argument("--calibration", default="pydoc:calibration", help="training text (default pydoc:calibration)")
+    p.add_argument(
+        "--calibration",
+        default=DEFAULT_CALIBRATION,
+        help=f"training text: a file, a built-in text or a mix a+b, as for prune (default {DEFAULT_CALIBRATION})",
+    )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    p.add_argument("--samples", type=int, default=256, help="training windows (default 256)")
+    p.add_argument("--samples", type=int, default=1024, help="training windows (default 1024)")
     _add_recovery(p, "")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="where to keep resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
@@ -315,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruction(p)
     p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5", help="fractions of non-embedding parameters")
     p.add_argument("--check", default="0.2,0.4", help="fractions to prune for real to fit and check the predictor")
-    p.add_argument("--ranking", choices=RANKINGS, default="per_layer", help="as for prune (default per_layer)")
+    p.add_argument(
+        "--ranking",
+        choices=("global", "per_layer"),
+        default="per_layer",
+        help="as for prune, without loss_weighted, which measures a cut per fraction (default per_layer)",
+    )
     p.add_argument("--granularities", default="heads,channels", help="as for prune (default heads,channels)")
     p.add_argument("--eval-text", default="pydoc:heldout", help="held-out text for the checks (pydoc:heldout)")
     p.add_argument("--eval-windows", type=int, default=8, help="512-token windows per check (default 8)")
@@ -564,7 +577,7 @@ def _cmd_recover(args) -> None:
     import copy
 
     from fastprune.adapters import adapter_for
-    from fastprune.data import read_text, token_windows
+    from fastprune.data import text_windows
     from fastprune.distributed import current
     from fastprune.evaluation import evaluate
     from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, read_info, save_model
@@ -580,15 +593,7 @@ def _cmd_recover(args) -> None:
     teacher = load_source(teacher_source) if teacher_source else None
     check_output_dir(args.out, list(student.inputs) + (list(teacher.inputs) if teacher else []), args.overwrite)
     encoder = not adapter_for(student.model).causal
-    windows = token_windows(
-        student.tokenizer,
-        read_text(args.calibration),
-        args.seq_len,
-        args.samples,
-        args.calibration,
-        "recovery",
-        encoder,
-    )
+    windows = text_windows(student.tokenizer, args.calibration, args.seq_len, args.samples, "recovery", encoder)
     ranks = current()  # under torchrun recovery is sharded (FSDP2); rank 0 gets the model, evaluates and writes
     before = None if args.no_eval or not ranks.is_main else copy.deepcopy(student.model)
     result = recover(

@@ -14,7 +14,7 @@ import torch
 
 from fastprune.adapters import adapter_for
 from fastprune.config import PruningConfig
-from fastprune.data import read_text, token_windows
+from fastprune.data import DEFAULT_CALIBRATION, read_text, token_windows
 from fastprune.errors import ConfigError
 from fastprune.evaluation import EvalConfig, perplexity
 from fastprune.pipeline import PruneResult, prune
@@ -27,7 +27,7 @@ def prune_iteratively(
     model: torch.nn.Module,
     config: PruningConfig,
     steps: int,
-    calibration="pydoc:calibration",
+    calibration=DEFAULT_CALIBRATION,
     tokenizer=None,
     recovery: RecoveryConfig | None = None,
     evaluation: EvalConfig | None = None,

@@ -15,9 +15,10 @@ import torch
 
 import fastprune
 from fastprune.adapters import adapter_for
+from fastprune.allocation import weigh_layers
 from fastprune.budget import Budget, memory_budget
 from fastprune.config import PruningConfig
-from fastprune.data import TokenWindows, read_text, token_windows
+from fastprune.data import DEFAULT_CALIBRATION, TokenWindows, text_windows
 from fastprune.errors import CalibrationError, ConfigError, PlanError
 from fastprune.evaluation import EvalConfig, Report, evaluate
 from fastprune.io import INFO_FILE, PLAN_FILE, check_output_dir, save_model
@@ -58,7 +59,7 @@ class PruneResult:
 
 
 def calibration_windows(tokenizer, calibration, config: PruningConfig, encoder: bool = False) -> TokenWindows:
-    """Token windows from a text source (``pydoc:calibration``, a file path) or a [N, T] tensor of token ids."""
+    """Token windows from a text source (a built-in text, a file path, or a mix ``a+b``) or [N, T] token ids."""
     cal = config.calibration
     if isinstance(calibration, TokenWindows):
         return calibration
@@ -71,14 +72,13 @@ def calibration_windows(tokenizer, calibration, config: PruningConfig, encoder: 
         return TokenWindows(ids, "tensor", "", ids.numel())
     if tokenizer is None:
         raise CalibrationError("calibration text needs a tokenizer")
-    source = str(calibration)
-    return token_windows(tokenizer, read_text(source), cal.seq_len, cal.num_samples, source, "calibration", encoder)
+    return text_windows(tokenizer, calibration, cal.seq_len, cal.num_samples, "calibration", encoder)
 
 
 def prune(
     model: torch.nn.Module,
     config: PruningConfig,
-    calibration="pydoc:calibration",
+    calibration=DEFAULT_CALIBRATION,
     tokenizer=None,
     plan: Plan | None = None,
     evaluation: EvalConfig | None = None,
@@ -117,7 +117,10 @@ def prune(
         batches = windows.batches(config.calibration.batch_size)
         config = fit_to_calibration(adapter, windows, config)
     needs_all = (
-        config.criterion == "obs" and plan is None or config.target_latency_ms is not None and config.reconstruct
+        (config.criterion == "obs" or config.ranking == "loss_weighted" and config.reconstruct)
+        and plan is None
+        or config.target_latency_ms is not None
+        and config.reconstruct
     )
     layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
     if needs_all and not (grams is not None and grams.has(layers, layers)):
@@ -127,6 +130,9 @@ def prune(
         torch.manual_seed(config.seed)
         with _timed(seconds, "score"):
             scores = score_for_config(adapter, batches, config, grams)
+        if config.ranking == "loss_weighted":
+            with _timed(seconds, "layer sensitivity"):
+                scores = weigh_layers(adapter, scores, config, costs, budget, batches, grams)
         with _timed(seconds, "plan"):
             plan = make_plan(scores, config, costs, budget)
         plan.info["calibration"] = windows.describe()
@@ -156,8 +162,8 @@ def recovery_windows(tokenizer, calibration, config: PruningConfig, encoder: boo
     """Up to ``recovery_samples`` windows of the calibration text (recovery needs more text than scoring)."""
     if isinstance(calibration, TokenWindows | torch.Tensor):
         return calibration_windows(tokenizer, calibration, config, encoder)
-    source, cal = str(calibration), config.calibration
-    return token_windows(tokenizer, read_text(source), cal.seq_len, cal.recovery_samples, source, "recovery", encoder)
+    cal = config.calibration
+    return text_windows(tokenizer, calibration, cal.seq_len, cal.recovery_samples, "recovery", encoder)
 
 
 #: A latency target is met when the pruned model's measured latency is within the budget and above

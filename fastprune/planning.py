@@ -234,6 +234,11 @@ def make_plan(
     (fastprune.budget, fastprune.latency), which knows the dtype and the machine.
     """
     scores.check()
+    if config.ranking == "loss_weighted" and "layer_weights" not in scores.info:
+        raise PlanError(
+            "ranking='loss_weighted' plans scores weighted by measured layer sensitivity "
+            "(fastprune.allocation.weigh_layers, which fastprune.prune applies); these scores are not weighted"
+        )
     planner = _Planner(scores, config)
     if budget is None and config.target_params is not None:
         budget = params_budget(scores.shape, costs, config.target_params)
@@ -255,6 +260,8 @@ def make_plan(
             "counts": plan.counts(),
         }
     )
+    if config.ranking == "loss_weighted":
+        plan.info["layer_weights"] = scores.info["layer_weights"]
     return plan
 
 
@@ -264,7 +271,8 @@ def check_feasible(shape: ModelShape, config: PruningConfig, costs: ParamCosts, 
     kinds = ("heads", "kv_heads", "channels")
     flat = {k: [torch.ones(getattr(s, k), dtype=torch.float64) for s in shape.layers] for k in kinds}
     layers = torch.ones(shape.num_layers, dtype=torch.float64)
-    make_plan(Scores(config.criterion, shape, **flat, layers=layers), config, costs, budget, warn=False)
+    info = {"layer_weights": [1.0] * shape.num_layers}  # (flat scores stand for weighted ones too)
+    make_plan(Scores(config.criterion, shape, **flat, layers=layers, info=info), config, costs, budget, warn=False)
 
 
 class _Planner:

@@ -237,6 +237,9 @@ def test_streaming_refuses_whole_model_criteria_and_latency_targets(source, tmp_
         )
     with pytest.raises(ConfigError, match="latency"):
         prune_streaming(source, PruningConfig(calibration=CAL, target_latency_ms=5.0), tmp_path / "o", TEXT)
+    with pytest.raises(ConfigError, match="loss_weighted"):
+        config = PruningConfig(calibration=CAL, target_params=0.2, ranking="loss_weighted")
+        prune_streaming(source, config, tmp_path / "o", TEXT)
     assert list(tmp_path.iterdir()) == []
 
 

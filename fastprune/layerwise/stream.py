@@ -30,6 +30,7 @@ import torch
 from fastprune.adapters import adapter_for
 from fastprune.budget import memory_budget
 from fastprune.config import PruningConfig
+from fastprune.data import DEFAULT_CALIBRATION
 from fastprune.distributed import agree, barrier, current, device, shard
 from fastprune.errors import CheckpointError, ConfigError, ModelNotFoundError
 from fastprune.io import INFO_FILE, PLAN_FILE, atomic_write_text, check_output_dir, has_per_layer_widths, publish_dir
@@ -232,7 +233,7 @@ def prune_streaming(
     source: str | Path | None,
     config: PruningConfig,
     out: str | Path,
-    calibration="pydoc:calibration",
+    calibration=DEFAULT_CALIBRATION,
     plan: Plan | None = None,
     overwrite: bool = False,
 ) -> StreamResult:
@@ -257,6 +258,11 @@ def prune_streaming(
     check_output_dir(out, list(found.inputs), overwrite)
     if config.target_latency_ms is not None:
         raise ConfigError("a latency target is checked by timing the pruned model in memory; it cannot be streamed")
+    if config.ranking == "loss_weighted":
+        raise ConfigError(
+            "ranking loss_weighted measures the whole model's loss with each layer cut; it needs the model in "
+            "memory (stream with ranking global or per_layer)"
+        )
     model = skeleton(source)
     checkpoint = SafetensorsCheckpoint(source)
     check_checkpoint(model, checkpoint)

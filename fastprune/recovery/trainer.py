@@ -43,6 +43,7 @@ from fastprune.recovery.sharding import (
     shard_model,
     sharding,
 )
+from fastprune.recovery.teacher_text import teacher_windows
 
 logger = logging.getLogger("fastprune")
 
@@ -123,6 +124,13 @@ def recover(
         raise ConfigError("resume needs the checkpoint_dir of the interrupted run")
     ids = _window_ids(windows)
     train_ids, val_ids = split_windows(ids, config.val_fraction, config.seed)
+    t0 = time.perf_counter()
+    if config.teacher_text > 0:
+        if teacher is None:
+            raise ConfigError("teacher_text needs a teacher to write the text")
+        k = max(1, round(config.teacher_text * len(train_ids)))  # held-out windows stay real text
+        train_ids = torch.cat([teacher_windows(teacher, train_ids[:k], config.seed), train_ids[k:]])
+    writing_seconds = time.perf_counter() - t0  # (part of the time budget)
     adapter = adapter_for(student)
     sharded, plain_class = sharding(), type(student)
     if sharded:
@@ -143,8 +151,10 @@ def recover(
             state = run.read_checkpoint() if resume else None
             if state is not None:
                 run.resume(state)
-            elif resume:
-                logger.info("no recovery checkpoint in %s; starting from the beginning", checkpoint_dir)
+            else:
+                run.progress.seconds = writing_seconds
+                if resume:
+                    logger.info("no recovery checkpoint in %s; starting from the beginning", checkpoint_dir)
             run.train()
         except BaseException:
             # Leave the student without adapters, as it came, so that an in-process resume can wrap it again.
@@ -168,6 +178,12 @@ def split_windows(ids: torch.Tensor, val_fraction: float, seed: int) -> tuple[to
     return ids[order[n_val:]], ids[order[:n_val]]
 
 
+#: Steps timed before the schedule is fitted to a time budget (the first pays one-off costs and is not counted).
+TIMED_STEPS = 3
+#: Fraction of the time left that the fitted schedule plans to use (the rest absorbs timing noise).
+BUDGET_USE = 0.97
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier of ``step``: linear warm-up for ``warmup`` steps, then cosine decay to 0."""
     if step < warmup:
@@ -187,6 +203,7 @@ class _Progress:
     loss_sum: float = 0.0
     loss_count: int = 0
     seconds: float = 0.0  # wall time spent by earlier (interrupted) runs
+    planned_steps: int | None = None  # the step count fitted to the time budget, once measured
     stop_reason: str | None = None
     history: list[dict] = field(default_factory=list)
 
@@ -203,14 +220,17 @@ class _Run:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         total = config.epochs * self.steps_per_epoch
         self.total_steps = min(total, config.max_steps) if config.max_steps is not None else total
-        warmup = round(config.warmup * self.total_steps)
+        self.warmup_steps = round(config.warmup * self.total_steps)
+        # With a time budget and no step limit the schedule is fitted to the budget once steps are timed.
+        self.fit_to_budget = config.time_budget_min is not None and config.max_steps is None
+        self.timed_steps: list[float] = []
         # foreach=False keeps AdamW from allocating temporaries for all parameters at once (lean mode).
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=config.learning_rate, weight_decay=0.0, foreach=not config.lean
         )
         self.optimizer.zero_grad(set_to_none=True)  # a model interrupted mid-step may still hold gradients
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup)
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, self.warmup_steps)
         )
         n_val = len(val_ids)
         self.val_batches = torch.tensor_split(val_ids, math.ceil(n_val / config.batch_size))
@@ -255,6 +275,9 @@ class _Run:
                     if self._checkpoint_due():
                         self.save()
                     self.postfix["loss"] = f"{self._step():.4f}"
+                    if self.fit_to_budget and p.planned_steps is None and len(self.timed_steps) == TIMED_STEPS:
+                        self._fit_schedule_to_budget()
+                        bar.total = self.total_steps
                     bar.set_postfix(self.postfix, refresh=False)
                     bar.update(1)
         except KeyboardInterrupt:
@@ -313,7 +336,32 @@ class _Run:
             self.progress.loss_count += 1
             self.rng = rng_state()  # where the next step starts: what a checkpoint taken before it restores
         self.step_seconds = time.perf_counter() - t0
+        self.timed_steps.append(self.step_seconds)
         return total
+
+    def _fit_schedule_to_budget(self) -> None:
+        """Set the step count (and so the warm-up and cosine decay) to what the rest of the time budget holds.
+
+        A step's time is the mean of the timed steps after the first (which pays one-off costs), plus its share
+        of the held-out evaluations; the final evaluation is kept out of the budget, and 3% is left as margin.
+        """
+        p, config = self.progress, self.config
+        step_seconds = all_reduce_mean(sum(self.timed_steps[1:]) / (len(self.timed_steps) - 1))
+        eval_seconds = all_reduce_mean(self.eval_seconds)
+        left = 60 * config.time_budget_min - self._elapsed() - eval_seconds
+        more = int(BUDGET_USE * left / (step_seconds + eval_seconds / config.eval_every))
+        self._set_total_steps(max(p.step + 1, p.step + more))
+        logger.info(
+            "recovery: %.2f s per step measured; %d steps fill the %.4g-minute budget (%.1f epochs)",
+            step_seconds,
+            self.total_steps,
+            config.time_budget_min,
+            self.total_steps / self.steps_per_epoch,
+        )
+
+    def _set_total_steps(self, total: int) -> None:
+        self.total_steps = self.progress.planned_steps = total
+        self.warmup_steps = round(self.config.warmup * total)
 
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
         epoch, j = divmod(step, self.steps_per_epoch)
@@ -425,6 +473,8 @@ class _Run:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = _Progress(**state["progress"])
+        if self.progress.planned_steps is not None:
+            self._set_total_steps(self.progress.planned_steps)
         self.rng = state["rng"]
         set_rng_state(self.rng)
         self.t0 = time.perf_counter()
