@@ -2,13 +2,13 @@
 8/4-bit quantization, or a combination? Run: ``make study`` (``python benchmarks/study.py``).
 
 - SmolLM2-135M rows: dense; structured 25% and 50% of non-embedding parameters (obs, widths in multiples of 32);
-  2:4 by magnitude, wanda and sparsegpt; structured 25% + 2:4 (sparsegpt); GGUF Q8_0 / Q4_0 of dense and
+  2:4 by magnitude, wanda and sparsegpt; structured 25% + 2:4 (sparsegpt); GGUF Q8_0 / Q4_1 of dense and
   of structured 25%. Held-out perplexity on two texts, weights MB, prefill ms, decode tokens/s at batch 1 and 8.
 - One Llama-3-8B-shaped decoder layer, fp32 and bf16 (fp16 and bf16 on a GPU): dense vs structured at 2:4's
   weight count vs 2:4, prefill and decode latency, decode against the memory-bandwidth bound.
 
 Writes ``benchmarks/results/study-<machine>.{md,json,png}`` (``-quick`` with ``--quick``: small settings to check
-that everything runs). 34 minutes on 2 loaded CPU cores (the committed run).
+that everything runs). 39 minutes on 2 CPU cores shared with other jobs (the committed run; 34 before).
 """
 
 from __future__ import annotations
