@@ -123,8 +123,8 @@ rehearsal: $(STAMP)
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py $(if $(QUALITY_ROWS),--rows $(QUALITY_ROWS))
 
-# Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (34
-# minutes on 2 loaded cores): writes benchmarks/results/study-<machine>.{md,json,png}.
+# Structured pruning vs 2:4 sparsity vs GGUF quantization on SmolLM2, and one Llama-3-8B-shaped layer (39
+# minutes on 2 cores shared with other jobs): writes benchmarks/results/study-<machine>.{md,json,png}.
 study: $(STAMP)
 	$(PY) benchmarks/study.py
 

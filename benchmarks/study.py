@@ -2,13 +2,13 @@
 8/4-bit quantization, or a combination? Run: ``make study`` (``python benchmarks/study.py``).
 
 - SmolLM2-135M rows: dense; structured 25% and 50% of non-embedding parameters (obs, widths in multiples of 32);
-  2:4 by magnitude, wanda and sparsegpt; structured 25% + 2:4 (sparsegpt); GGUF Q8_0 / Q4_0 of dense and
+  2:4 by magnitude, wanda and sparsegpt; structured 25% + 2:4 (sparsegpt); GGUF Q8_0 / Q4_1 of dense and
   of structured 25%. Held-out perplexity on two texts, weights MB, prefill ms, decode tokens/s at batch 1 and 8.
 - One Llama-3-8B-shaped decoder layer, fp32 and bf16 (fp16 and bf16 on a GPU): dense vs structured at 2:4's
   weight count vs 2:4, prefill and decode latency, decode against the memory-bandwidth bound.
 
 Writes ``benchmarks/results/study-<machine>.{md,json,png}`` (``-quick`` with ``--quick``: small settings to check
-that everything runs). 34 minutes on 2 loaded CPU cores (the committed run).
+that everything runs). 39 minutes on 2 CPU cores shared with other jobs (the committed run; 34 before).
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ def machine_info(device: str) -> dict:
 
 def run_models(args, s, info, progress) -> tuple[list[dict], dict]:
     loaded = fastprune.load_source("smollm2")
+    seconds = info.setdefault("seconds", {})
     with study_models.make_workdir() as tmp:
+        t0 = time.perf_counter()
         rows = study_models.build_rows(loaded, s, Path(tmp), progress)
         for r in rows:
             if "2:4" in r.kind:
@@ -119,13 +121,18 @@ def run_models(args, s, info, progress) -> tuple[list[dict], dict]:
                 progress(
                     f"{r.name}: logits vs the masked dense model, max |diff| / max |logit| {r.masked_dense_diff:.1e}"
                 )
+        seconds["build"] = round(time.perf_counter() - t0)
         if args.device != "cpu":
             for r in rows:
                 if r.model is not None:
                     r.model.to(args.device)
         if s.quality:
+            t0 = time.perf_counter()
             study_models.measure_quality(rows, loaded.tokenizer, s, args.device, progress)
+            seconds["perplexity"] = round(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         study_models.measure_latency(rows, loaded.model.config.vocab_size, s, progress)
+        seconds["latency"] = round(time.perf_counter() - t0)
         out = [r.to_dict() for r in rows]
     settings_dict = dataclasses.asdict(s)
     settings_dict["calibration"] = dataclasses.asdict(s.calibration)
@@ -165,7 +172,9 @@ def main(argv=None) -> int:
     if not args.skip_models:
         data["models"], data["settings"] = run_models(args, s, info, progress)
     if not args.skip_layers:
+        t_layers = time.perf_counter()
         data["layers"], data["layers_info"] = run_layers(args, layer, progress)
+        info.setdefault("seconds", {})["layers"] = round(time.perf_counter() - t_layers)
     info["load_1min_end"] = os.getloadavg()[0]
     info["wall_s"] = round(time.perf_counter() - t0)
     stem = f"study-{info['machine']}" + ("-quick" if args.quick else "") + args.suffix

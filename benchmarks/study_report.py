@@ -121,6 +121,8 @@ def markdown(data: dict, png: str) -> str:
     info = data["info"]
     parts = [f"# Structured vs 2:4 vs quantized: {info['machine']}\n"]
     parts.append("".join(f"- {k}: {v}\n" for k, v in info.items() if not isinstance(v, dict | list)))
+    if info.get("seconds"):
+        parts.append("- seconds per part: " + ", ".join(f"{k} {v}" for k, v in info["seconds"].items()) + "\n")
     if data.get("models"):
         s = data["settings"]
         parts.append(

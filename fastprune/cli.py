@@ -413,6 +413,20 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         help="tensor type of the weight matrices (default f16); 4- and 5-bit types keep the embeddings in q8_0 and "
         "matrices whose rows do not split into 32-element blocks in f16; norms stay f32",
     )
+    p.add_argument(
+        "--keep-q8",
+        type=lambda s: tuple(k.strip() for k in s.split(",") if k.strip()),
+        default=(),
+        metavar="KINDS",
+        help="with a 4- or 5-bit --type, also write these matrix kinds in q8_0, comma-separated GGUF names "
+        "(attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down; e.g. attn_v,ffn_down)",
+    )
+    p.add_argument(
+        "--round-to-nearest",
+        action="store_true",
+        help="q4_0 / q4_1 blocks as gguf rounds them (scale from the block's extremes) instead of the scale of "
+        "least squared error",
+    )
 
 
 def _pruning_config(args, calibration: bool = True) -> PruningConfig:
@@ -635,8 +649,18 @@ def _cmd_export(args) -> None:
     from fastprune.models import load_source
 
     loaded = load_source(args.model)
-    out = export_gguf(loaded.model, loaded.tokenizer, args.out, args.type, list(loaded.inputs), args.overwrite)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    out = export_gguf(
+        loaded.model,
+        loaded.tokenizer,
+        args.out,
+        args.type,
+        list(loaded.inputs),
+        args.overwrite,
+        keep_q8=args.keep_q8,
+        search=not args.round_to_nearest,
+    )
+    kept = f", {','.join(args.keep_q8)} in q8_0" if args.keep_q8 else ""
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}{kept})")
 
 
 def _print_summary(plan) -> None:

@@ -130,17 +130,20 @@ def model_class(config):
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a model directory (plain, fastprune-pruned with per-layer widths, or 2:4-sparse: its layers then run
-    fastprune's 2:4 kernels); no remote code is executed."""
+    fastprune's 2:4 kernels, except on CPU the layers of the shapes where one token measures faster through the
+    masked dense weight: see ``fastprune.sparsity.modules.pick_faster_products``); no remote code is executed."""
     from transformers import AutoConfig
 
-    from fastprune.sparsity.modules import use_kernels
+    from fastprune.sparsity.modules import pick_faster_products, use_kernels
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"no model at {path}: expected a directory with config.json and weights")
     config = AutoConfig.from_pretrained(path)
     model = model_class(config).from_pretrained(path, config=config, dtype=dtype)
-    return use_kernels(model).to(device).eval()
+    model = use_kernels(model).to(device).eval()
+    pick_faster_products(model)
+    return model
 
 
 def read_info(path: str | Path) -> dict | None:

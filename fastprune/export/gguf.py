@@ -7,8 +7,12 @@ byte-level BPE vocabulary with merges. transformers (``from_pretrained(dir, gguf
 tools load it.
 
 Tensor types: 1-D tensors (norms) stay F32. Matrices take the requested type; for 4- and 5-bit types the token
-embeddings (and an untied output matrix) take Q8_0, as llama.cpp keeps those at higher precision; a matrix whose
-rows do not split into whole quantization blocks (32 weights) is written F16, as llama.cpp's converter does.
+embeddings (and an untied output matrix) take Q8_0, as llama.cpp keeps those at higher precision, and so do the
+matrices named in ``keep_q8`` (GGUF kinds such as ``attn_v``, ``ffn_down``: a mixed recipe in the spirit of
+llama.cpp's ``_M`` types; the file type stays the requested one, "mostly" that type, as llama.cpp writes it); a
+matrix whose rows do not split into whole quantization blocks (32 weights) is written F16, as llama.cpp's
+converter does. Q4_0 and Q4_1 blocks take the scale (and minimum) of least squared error
+(``fastprune.export.quantize``) unless ``search`` is off: gguf's round-to-nearest blocks.
 
 GGUF has no 2:4 layout: a 2:4-sparse model is written with its masked dense weights. Per-layer widths are refused:
 llama.cpp reads per-layer head counts and feed-forward lengths, but transformers' GGUF loader reads one value for
@@ -26,14 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastprune.adapters import adapter_for
 from fastprune.errors import ConfigError, ExportError, OutputError
+from fastprune.export.quantize import SEARCHED_TYPES, quantize_searched
 from fastprune.sparsity.modules import densify
 
 logger = logging.getLogger("fastprune")
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+#: Matrix kinds of a Llama block, by their GGUF names (``blk.N.<kind>.weight``).
+MATRIX_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 #: transformers' Llama-3 pre-tokenizer split (llama.cpp's "llama-bpe"); a plain byte-level split is "gpt-2".
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -65,11 +73,18 @@ def export_gguf(
     qtype: str = "f16",
     inputs: list[Path] = (),
     overwrite: bool = False,
+    keep_q8: tuple[str, ...] = (),
+    search: bool = True,
 ) -> Path:
-    """Write ``model`` (a Llama model) and ``tokenizer`` to the GGUF file ``out``, matrices in ``qtype``; the
-    file appears only when complete."""
+    """Write ``model`` (a Llama model) and ``tokenizer`` to the GGUF file ``out``, matrices in ``qtype`` (those of
+    the kinds in ``keep_q8`` in Q8_0; Q4 scales searched unless ``search`` is off); the file appears only when
+    complete."""
     if qtype not in GGUF_TYPES:
         raise ConfigError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}; got {qtype!r}")
+    keep_q8 = tuple(keep_q8)
+    unknown = [k for k in keep_q8 if k not in MATRIX_KINDS]
+    if unknown:
+        raise ConfigError(f"keep_q8 takes matrix kinds among {', '.join(MATRIX_KINDS)}; got {', '.join(unknown)}")
     out = Path(out)
     _check_output_file(out, inputs, overwrite)
     config = model.config
@@ -80,12 +95,12 @@ def export_gguf(
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
     os.close(fd)
     try:
-        _write(model, vocab, Path(tmp), qtype)
+        _write(model, vocab, Path(tmp), qtype, keep_q8, search)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("wrote %s (%s)", out, qtype)
+    logger.info("wrote %s (%s%s)", out, qtype, f", {', '.join(keep_q8)} in q8_0" if keep_q8 else "")
     return out.resolve()
 
 
@@ -179,7 +194,7 @@ def _permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write(model, vocab: dict, path: Path, qtype: str) -> None:
+def _write(model, vocab: dict, path: Path, qtype: str, keep_q8: tuple[str, ...], search: bool) -> None:
     import gguf
 
     config = model.config
@@ -205,7 +220,7 @@ def _write(model, vocab: dict, path: Path, qtype: str) -> None:
     _add_vocabulary(writer, vocab)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.num_layers)
     state = model.state_dict()
-    for hf_name, tensor in state.items():
+    for hf_name, tensor in tqdm(state.items(), desc=f"GGUF {qtype}", unit="tensor", disable=None, leave=False):
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -216,7 +231,7 @@ def _write(model, vocab: dict, path: Path, qtype: str) -> None:
             data = _permute_rotary(data, layer.heads)
         elif name.endswith("attn_k.weight"):
             data = _permute_rotary(data, layer.kv_heads)
-        data, raw = _encode(name, data, main_type)
+        data, raw = _encode(name, data, main_type, keep_q8, search)
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -244,7 +259,7 @@ def _add_vocabulary(writer, vocab: dict) -> None:
         writer.add_chat_template(vocab["chat_template"])
 
 
-def _encode(name: str, data: np.ndarray, main_type):
+def _encode(name: str, data: np.ndarray, main_type, keep_q8: tuple[str, ...], search: bool):
     """(array, raw dtype) of one tensor in the type it is written in (see the module docstring)."""
     import gguf
 
@@ -253,7 +268,7 @@ def _encode(name: str, data: np.ndarray, main_type):
         return data.astype(np.float32), q.F32
     qtype = main_type
     low_bit = qtype in (q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1)
-    if low_bit and name in ("token_embd.weight", "output.weight"):
+    if low_bit and (name in ("token_embd.weight", "output.weight") or name.split(".")[-2] in keep_q8):
         qtype = q.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:
@@ -261,4 +276,6 @@ def _encode(name: str, data: np.ndarray, main_type):
         qtype = q.F16
     if qtype == q.F16:
         return data.astype(np.float16), q.F16
+    if search and qtype.name.lower() in SEARCHED_TYPES:
+        return quantize_searched(data, qtype.name.lower()), qtype
     return gguf.quants.quantize(data, qtype), qtype

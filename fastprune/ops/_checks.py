@@ -27,9 +27,13 @@ def direct_call_ok(*tensors: Tensor) -> bool:
     The op's dispatch costs about 15 us a call, as much as the kernel on SmolLM2-sized inputs; it is only
     needed when something must see the op: torch.compile, a dispatch or function mode, a tensor subclass.
     """
+    return no_dispatch_hooks() and all(type(t) is Tensor for t in tensors)
+
+
+def no_dispatch_hooks() -> bool:
+    """Whether nothing must see an op called eagerly: no torch.compile, no dispatch or function mode."""
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
-        and all(type(t) is Tensor for t in tensors)
     )

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprune.ops import _native
-from fastprune.ops._checks import FLOAT_DTYPES, direct_call_ok
+from fastprune.ops._checks import FLOAT_DTYPES, direct_call_ok, no_dispatch_hooks
 
 _GPU_GEMV_MAX_TOKENS = 8  # CUDA and Triton GEMV kernels; more tokens go to decompress + cuBLAS
 
@@ -496,7 +496,10 @@ class Sparse24Linear(torch.nn.Module):
         self.in_features, self.out_features = 2 * values.shape[1], values.shape[0]
         self.values = torch.nn.Parameter(values)
         self.register_buffer("meta", meta)
-        self.bias = None if bias is None else torch.nn.Parameter(bias)
+        self.register_parameter("bias", None if bias is None else torch.nn.Parameter(bias))  # in _parameters
+        # Set by run_dense: the masked dense weight, for shapes where the dense product is the faster one.
+        self.register_buffer("dense_cache", None, persistent=False)
+        self._dense_of: tuple[int, int, int] | None = None
 
     @classmethod
     def from_linear(
@@ -507,16 +510,42 @@ class Sparse24Linear(torch.nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(values, meta, bias)
 
+    def run_dense(self, enabled: bool = True) -> None:
+        """Compute inference products (no gradient) with the masked dense weight instead of the 2:4 kernel: the
+        same outputs up to fp32 summation order, at the cost of a dense copy of the weight. For small matrices,
+        where the kernel's fixed cost per call exceeds what skipping half the weights saves (see
+        ``fastprune.sparsity.modules.pick_faster_products``). Training still runs through the 2:4 values."""
+        self.dense_cache = self.dense_weight().detach().contiguous() if enabled else None
+        self._dense_of = self._weight_state() if enabled else None
+
+    def _weight_state(self) -> tuple[int, int, int]:
+        return self.values.data_ptr(), self.values._version, self.meta._version
+
+    @property
+    def runs_dense(self) -> bool:
+        return self.dense_cache is not None
+
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and x.device.type == "cpu" and type(x) is Tensor and _cpu_kernel_ready(x):
-            # Decoding calls every layer once per token: the shortest way to the C++ kernel (which checks its
-            # arguments itself) keeps the Python around it below the cost of a SmolLM2-sized product.
-            return _cpu_matmul_overload()(x, self.values, self.meta, self.bias)
-        return sparse24_matmul(x, self.values, self.meta, self.bias)
+        # Decoding calls every layer once per token (210 times for SmolLM2), so inference takes the shortest way
+        # to the C++ kernel (which checks its arguments itself): the Python around it must stay below the cost
+        # of a SmolLM2-sized product. Parameters and buffers are read from their dicts, as nn.Module's
+        # __getattr__ costs most of a microsecond per name.
+        params, dense = self._parameters, self._buffers["dense_cache"]
+        if torch.is_grad_enabled():
+            return sparse24_matmul(x, params["values"], self.meta, params["bias"])
+        if dense is not None:
+            if self._dense_of != self._weight_state():
+                self.run_dense()  # the values changed (training, load_state_dict, .to()): rebuild the copy
+                dense = self._buffers["dense_cache"]
+            return F.linear(x, dense, params["bias"])
+        if type(x) is Tensor and x.is_cpu and _cpu_backend() and no_dispatch_hooks():
+            return _cpu_matmul_overload()(x, params["values"], self._buffers["meta"], params["bias"])
+        return sparse24_matmul(x, params["values"], self._buffers["meta"], params["bias"])
 
     def dense_weight(self) -> Tensor:
         """The dense [out, in] weight with zeros where pruned."""
         return sparse24_decompress(self.values, self.meta)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        dense = ", runs dense" if self.runs_dense else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{dense}"

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastprune
 from fastprune.cli import main
-from fastprune.errors import ExportError, OutputError
+from fastprune.errors import ConfigError, ExportError, OutputError
 from fastprune.export import export_gguf
 from fastprune.export.gguf import _permute_rotary
 from fastprune.sparsity import SparsifyConfig, sparsify
@@ -89,9 +89,14 @@ def model():
     return block_decoder(tie=False, vocab=VOCAB)  # an untied output matrix: every tensor kind of the format
 
 
-@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q5_1", "q4_0", "q4_1"])
-def test_exported_tensors_dequantize_to_the_source(model, tokenizer, tmp_path, qtype):
-    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype)
+@pytest.mark.parametrize(
+    ("qtype", "search"),
+    [(t, False) for t in ("f32", "f16", "q8_0", "q5_1", "q4_0", "q4_1")] + [("q4_0", True), ("q4_1", True)],
+)
+def test_exported_tensors_dequantize_to_the_source(model, tokenizer, tmp_path, qtype, search):
+    """Round to nearest: every weight within one step of its block. Searched Q4 scales may clip a block's
+    outlier to bring the rest closer, so there each block's root-mean-square error is within one step."""
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype, search=search)
     tensors = gguf_tensors(path)
     assert len(tensors) == 3 + 2 * 9
     low_bit = qtype in ("q5_1", "q4_0", "q4_1")
@@ -104,7 +109,58 @@ def test_exported_tensors_dequantize_to_the_source(model, tokenizer, tmp_path, q
             expected_kind = "Q8_0"
         assert kind == expected_kind, name
         assert data.shape == source.shape, name
-        assert (np.abs(data - source) <= step_bound(kind, source)).all(), name
+        bound = step_bound(kind, source)
+        if search and kind in ("Q4_0", "Q4_1"):
+            rms = np.sqrt(np.square(data - source).reshape(-1, 32).mean(1))
+            assert (rms <= bound.reshape(-1, 32)[:, 0]).all(), name
+        else:
+            assert (np.abs(data - source) <= bound).all(), name
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1"])
+def test_searched_blocks_beat_round_to_nearest(model, tokenizer, tmp_path, qtype):
+    """Without the search the blocks are gguf's own; with it no block has a larger error and the total is lower."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import quantize
+
+    nearest = GGUFReader(export_gguf(model, tokenizer, tmp_path / "n.gguf", qtype, search=False)).tensors
+    searched = gguf_tensors(export_gguf(model, tokenizer, tmp_path / "s.gguf", qtype))
+    kind = getattr(GGMLQuantizationType, qtype.upper())
+    total = {"nearest": 0.0, "searched": 0.0}
+    for t in nearest:
+        if t.tensor_type != kind:
+            continue
+        source = source_of(model, t.name)
+        assert np.array_equal(np.asarray(t.data).reshape(-1), quantize(source, kind).reshape(-1)), t.name
+        rtn = gguf_tensors_one(t)
+        errors = {
+            "nearest": np.square(rtn - source).reshape(-1, 32).sum(1),
+            "searched": np.square(searched[t.name][1] - source).reshape(-1, 32).sum(1),
+        }
+        assert (errors["searched"] <= errors["nearest"]).all(), t.name
+        for k, e in errors.items():
+            total[k] += e.sum()
+    assert total["searched"] < 0.95 * total["nearest"]
+
+
+def gguf_tensors_one(t) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+
+
+def test_keep_q8_writes_the_named_kinds_in_q8_0(model, tokenizer, tmp_path):
+    tensors = gguf_tensors(export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_1", keep_q8=("attn_v", "ffn_down")))
+    for name, (kind, _) in tensors.items():
+        part = name.split(".")[-2]
+        if name.startswith("blk.") and part != "attn_norm" and part != "ffn_norm":
+            assert kind == ("Q8_0" if part in ("attn_v", "ffn_down") else "Q4_1"), name
+    from gguf import GGUFReader, LlamaFileType
+
+    assert GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == LlamaFileType.MOSTLY_Q4_1
+    with pytest.raises(ConfigError, match="among attn_q.*got attn_value"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", "q4_1", keep_q8=("attn_value",))
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_rows_that_do_not_split_into_blocks_fall_back_to_f16(tokenizer, tmp_path):
@@ -198,3 +254,27 @@ def test_cli_export_errors_exit_2_and_write_nothing(bpe_model_dir, model_dir, tm
         main(["export", "--model", str(bpe_model_dir), "--type", "q3_k", "--out", str(out)])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global"]
+
+
+def test_cli_export_keep_q8_and_round_to_nearest(bpe_model_dir, tmp_path, capsys):
+    from gguf import GGUFReader
+
+    out = tmp_path / "m.gguf"
+    args = ["export", "--model", str(bpe_model_dir), "--type", "q4_0", "--out", str(out)]
+    assert main([*args, "--keep-q8", "attn_v, ffn_down", "--round-to-nearest"]) == 0
+    assert "attn_v,ffn_down in q8_0" in capsys.readouterr().out
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert kinds["blk.1.attn_v.weight"] == kinds["blk.0.ffn_down.weight"] == "Q8_0"
+    assert kinds["blk.1.attn_k.weight"] == kinds["blk.0.ffn_up.weight"] == "Q4_0"
+    api = export_gguf(
+        fastprune.load(bpe_model_dir),
+        AutoTokenizer.from_pretrained(bpe_model_dir),
+        tmp_path / "api.gguf",
+        "q4_0",
+        keep_q8=("attn_v", "ffn_down"),
+        search=False,
+    )
+    pairs = zip(GGUFReader(out).tensors, GGUFReader(api).tensors, strict=True)
+    assert all(np.array_equal(a.data, b.data) for a, b in pairs)
+    assert main(["-q", *args, "--overwrite", "--keep-q8", "ffn_dwn"]) == 2
+    assert "error: keep_q8 takes matrix kinds" in capsys.readouterr().err

@@ -357,6 +357,32 @@ def test_sparse24_linear():
     assert "meta" in dict(layer.named_buffers()) and "in_features=20" in repr(layer)
 
 
+def test_sparse24_linear_run_dense_follows_the_values():
+    """The dense copy gives the masked dense product, is not saved, and is rebuilt whenever values or mask change."""
+    torch.manual_seed(9)
+    layer = Sparse24Linear.from_linear(torch.nn.Linear(24, 5))
+    x = torch.randn(3, 24)
+    layer.run_dense()
+    assert layer.runs_dense and "runs dense" in repr(layer) and "dense_cache" not in layer.state_dict()
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+    loss = layer(x).square().sum()  # with a gradient: the 2:4 product, whose gradient reaches values
+    loss.backward()
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    other = Sparse24Linear.from_linear(torch.nn.Linear(24, 5))
+    for change in (None, lambda: layer.load_state_dict(other.state_dict())):
+        if change is not None:
+            change()
+        with torch.no_grad():
+            expected = F.linear(x, sparse24_decompress(layer.values, layer.meta), layer.bias)
+            assert torch.equal(layer(x), expected)
+    assert torch.equal(layer.meta, other.meta)
+    layer.run_dense(False)
+    assert not layer.runs_dense
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- bad arguments
 
 

@@ -292,6 +292,34 @@ def test_structured_pruned_model_with_per_layer_widths_sparsifies_and_reloads(sa
     torch.testing.assert_close(remote[1], reference, atol=1e-4, rtol=1e-4)
 
 
+def test_faster_products_are_picked_per_shape(results, monkeypatch):
+    """Every layer of a shape follows the one decision taken for that shape; dense-run layers give the masked
+    dense model's logits; the timing itself leaves a layer on the 2:4 kernel."""
+    from fastprune.sparsity import modules
+
+    model = copy.deepcopy(results["wanda"].model)
+    layers = sparse_layers(model)
+    shapes = {(m.out_features, m.in_features) for m in layers.values()}
+    assert len(shapes) > 1
+    timed = []
+    monkeypatch.setattr(
+        modules,
+        "_dense_is_faster",
+        lambda layer, rounds, calls: timed.append(layer) or (layer.out_features, layer.in_features) == min(shapes),
+    )
+    picked = modules.pick_faster_products(model)
+    assert len(timed) == len(shapes)  # one measurement per shape
+    assert sorted(picked) == sorted(n for n, m in layers.items() if (m.out_features, m.in_features) == min(shapes))
+    assert all(m.runs_dense == (n in picked) for n, m in layers.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, masked_dense(model)(IDS).logits, atol=1e-5, rtol=1e-5)
+    layer = next(iter(layers.values()))
+    monkeypatch.undo()
+    layer.run_dense()
+    modules._dense_is_faster(layer, 2, 2)
+    assert not layer.runs_dense
+
+
 def test_pruning_a_sparse_model_is_refused(results):
     with pytest.raises(ConfigError, match="2:4-sparse; prune the dense model first"):
         fastprune.prune(results["magnitude"].model, PruningConfig(channel_ratio=0.25))
