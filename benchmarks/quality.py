@@ -32,6 +32,7 @@ import fastprune
 from fastprune.config import CalibrationConfig, PruningConfig
 from fastprune.data import DEFAULT_CALIBRATION, read_text, token_windows
 from fastprune.evaluation import perplexity
+from fastprune.io import atomic_write_text
 from fastprune.pipeline import recovery_windows
 from fastprune.recovery import RecoveryConfig, recover
 
@@ -122,9 +123,15 @@ def evaluate_texts(model, tokenizer, windows: int) -> dict[str, float]:
 
 
 def write(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(results))
+    """Write the results, keeping rows that another run (other ``--rows``) wrote meanwhile."""
+    path = RESULTS.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        on_disk = json.loads(path.read_text())
+        if on_disk.get("windows") == results["windows"]:
+            results["rows"] = {**on_disk["rows"], **results["rows"]}
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+    atomic_write_text(RESULTS.with_suffix(".md"), markdown(results))
 
 
 def markdown(results: dict) -> str:

@@ -1,7 +1,18 @@
 """Shared fixtures; the model factories live in tinymodels.py (importable from every test module)."""
 
 import pytest
+import torch
 from tinymodels import byte_tokenizer, tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread; two make them erratic on a busy machine (OpenMP waits).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

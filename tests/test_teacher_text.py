@@ -10,13 +10,7 @@ from fastprune.errors import ConfigError
 from fastprune.recovery import RecoveryConfig, recover
 from fastprune.recovery import teacher_text as tt
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
