@@ -388,10 +388,15 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypa
 
 
 def test_ctrl_c_waits_for_the_end_of_an_optimizer_step():
+    # Python's own Ctrl-C handler, also when the suite runs in the background (where SIGINT starts ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = []
-    with pytest.raises(KeyboardInterrupt), deferred_interrupt():
-        os.kill(os.getpid(), signal.SIGINT)
-        finished.append(True)  # still runs: the interrupt is raised when the block ends
+    try:
+        with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)  # still runs: the interrupt is raised when the block ends
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert finished == [True]
 
 
