@@ -141,7 +141,8 @@ def markdown(results: dict) -> str:
         "",
         f"Perplexity on {results['windows']} windows of 512 tokens of each held-out text (none is used for "
         "calibration or recovery); in brackets the ratio to the dense model. Machine: "
-        f"{results['machine']}.",
+        f"{results['machine']}. Prune seconds include the statistics pass and were measured with other jobs on the "
+        "machine (the 1-minute load average at the row's end in brackets).",
         "",
         "| row | removed | lever | " + " | ".join(EVAL_TEXTS) + " | prune s | recovery |",
         "|---|---|---|" + "---|" * len(EVAL_TEXTS) + "---|---|",
@@ -155,9 +156,9 @@ def markdown(results: dict) -> str:
         rec = r.get("recovery")
         rec_text = f"{rec['steps']} steps, {rec['seconds']} s, lr {rec['lr']:g}" if rec else ""
         removed = f"{r['removed_fraction']:.1%}" if "removed_fraction" in r else ""
+        prune_s = f"{r['prune_s']} (load {r['load_1min']:.1f})" if "prune_s" in r else ""
         lines.append(
-            f"| {name} | {removed} | {r.get('lever', '')} | " + " | ".join(cells) + f" | {r.get('prune_s', '')} | "
-            f"{rec_text} |"
+            f"| {name} | {removed} | {r.get('lever', '')} | " + " | ".join(cells) + f" | {prune_s} | {rec_text} |"
         )
     return "\n".join(lines) + "\n"
 

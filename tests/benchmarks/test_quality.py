@@ -39,6 +39,7 @@ def test_markdown_shows_ratios_to_the_dense_model():
                 "lever": "a lever",
                 "removed_fraction": 0.25,
                 "prune_s": 3.0,
+                "load_1min": 1.25,
                 "recovery": {"steps": 7, "seconds": 60, "lr": 5e-5},
             },
         },
@@ -46,4 +47,4 @@ def test_markdown_shows_ratios_to_the_dense_model():
     text = quality.markdown(results)
     row = next(line for line in text.splitlines() if line.startswith("| x |"))
     assert row.count("25.00 (2.50x)") == len(quality.EVAL_TEXTS)
-    assert "25.0%" in row and "7 steps, 60 s, lr 5e-05" in row
+    assert "25.0%" in row and "7 steps, 60 s, lr 5e-05" in row and "3.0 (load 1.2)" in row
