@@ -116,13 +116,9 @@ def prune(
         windows = calibration_windows(tokenizer, calibration, config, encoder=not adapter.causal)
         batches = windows.batches(config.calibration.batch_size)
         config = fit_to_calibration(adapter, windows, config)
-    needs_all = (
-        (config.criterion == "obs" or config.ranking == "loss_weighted" and config.reconstruct)
-        and plan is None
-        or config.target_latency_ms is not None
-        and config.reconstruct
-    )
-    layers = list(range(len(adapter.layers)))  # obs and latency re-planning need every layer's statistics
+    scoring_needs_all = config.criterion == "obs" or config.ranking == "loss_weighted" and config.reconstruct
+    needs_all = plan is None and scoring_needs_all or config.target_latency_ms is not None and config.reconstruct
+    layers = list(range(len(adapter.layers)))  # obs, loss_weighted's refits, latency re-planning: every layer
     if needs_all and not (grams is not None and grams.has(layers, layers)):
         with _timed(seconds, "statistics"):
             grams = collect_grams(adapter, batches, layers, layers)
