@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from fastprune.recovery.objectives import (
     next_token_ce,
     relative_mse,
 )
+from fastprune.recovery import trainer
 from fastprune.recovery.trainer import lr_factor
 from fastprune.surgery import apply_plan
 
@@ -284,6 +286,26 @@ def test_time_budget_without_a_step_limit_fits_the_schedule_to_it(text_windows, 
         assert lrs[-1] < 0.1 * max(lrs)  # the cosine decay ran to (nearly) its end inside the budget
     else:
         assert result.stop_reason == "time_budget" and result.steps >= planned // 3
+
+
+def test_a_fitted_schedule_is_fitted_again_when_steps_slow_down(text_windows, teacher_and_pruned, monkeypatch):
+    # Steps become four times slower after the schedule was first fitted (as on a machine that gets busy): fitted
+    # once, the run would stop on the budget at about a third of its plan with the learning rate still high.
+    original_step = trainer._Run._step
+
+    def step(run):
+        time.sleep(0.01 if run.progress.step < 10 else 0.04)
+        return original_step(run)
+
+    monkeypatch.setattr(trainer._Run, "_step", step)
+    ids = text_windows[0].ids[:40]
+    teacher, pruned = teacher_and_pruned
+    config = RecoveryConfig(lr=1e-3, epochs=1, batch_size=8, eval_every=5, patience=0, time_budget_min=0.05)
+    result = recover(copy.deepcopy(pruned), teacher, ids, config)
+    assert result.seconds <= 60 * config.time_budget_min + 1.0
+    assert result.steps >= 0.9 * result.info["planned_steps"]  # fitted again: ends (nearly) where planned
+    lrs = [p.lr for p in result.history]
+    assert lrs[-1] < 0.1 * max(lrs)
 
 
 # -- checkpoints and resume --------------------------------------------------------------------------------

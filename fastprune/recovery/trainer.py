@@ -272,6 +272,9 @@ class _Run:
                     p.stop_reason = self._stop_reason(out_of_time)
                     if p.stop_reason is not None:
                         break
+                    if due and self._refit_due():
+                        self._fit_schedule_to_budget()
+                        bar.total = self.total_steps
                     if self._checkpoint_due():
                         self.save()
                     self.postfix["loss"] = f"{self._step():.4f}"
@@ -339,19 +342,29 @@ class _Run:
         self.timed_steps.append(self.step_seconds)
         return total
 
+    def _refit_due(self) -> bool:
+        """Whether to fit the schedule again (at an evaluation, once a fitted run has timed steps of its own): steps
+        slow down or speed up with the machine's load, and a schedule fitted once would then end after the budget
+        stops it (its learning rate never decayed) or before the budget is spent."""
+        return self.fit_to_budget and self.progress.planned_steps is not None and len(self.timed_steps) >= 2
+
     def _fit_schedule_to_budget(self) -> None:
         """Set the step count (and so the warm-up and cosine decay) to what the rest of the time budget holds.
 
-        A step's time is the mean of the timed steps after the first (which pays one-off costs), plus its share
-        of the held-out evaluations; the final evaluation is kept out of the budget, and 3% is left as margin.
+        A step's time is the mean of the steps timed since the last fit (the very first step pays one-off costs
+        and is not counted), plus its share of the held-out evaluations; the final evaluation is kept out of the
+        budget, and 3% is left as margin.
         """
         p, config = self.progress, self.config
-        step_seconds = all_reduce_mean(sum(self.timed_steps[1:]) / (len(self.timed_steps) - 1))
+        timed = self.timed_steps[1:] if p.planned_steps is None else self.timed_steps
+        step_seconds = all_reduce_mean(sum(timed) / len(timed))
+        self.timed_steps = []
         eval_seconds = all_reduce_mean(self.eval_seconds)
         left = 60 * config.time_budget_min - self._elapsed() - eval_seconds
         more = int(BUDGET_USE * left / (step_seconds + eval_seconds / config.eval_every))
         self._set_total_steps(max(p.step + 1, p.step + more))
-        logger.info(
+        logger.log(
+            logging.INFO if len(p.history) <= 1 else logging.DEBUG,
             "recovery: %.2f s per step measured; %d steps fill the %.4g-minute budget (%.1f epochs)",
             step_seconds,
             self.total_steps,
