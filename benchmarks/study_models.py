@@ -16,7 +16,7 @@ import torch
 
 import fastprune
 from fastprune.config import CalibrationConfig, PruningConfig
-from fastprune.data import read_text, token_windows
+from fastprune.data import DEFAULT_CALIBRATION, read_text, token_windows
 from fastprune.evaluation import _weights_mb, decode_tokens_per_second, perplexity, prefill_seconds
 from fastprune.export import export_gguf
 from fastprune.pipeline import prune
@@ -29,17 +29,21 @@ class StudySettings:
     texts: tuple[str, ...] = ("pydoc:heldout", "licenses")
     windows: int = 4  # perplexity windows of seq_len tokens per text
     seq_len: int = 512
-    # The default 32 windows of 256 tokens, in batches of 8: the same statistics as batches of 4 (sums over the
-    # same tokens) with half the calls, which on a shared machine each wait for both threads to be scheduled.
-    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(batch_size=8))
+    # The default calibration mix, 32 windows of 256 tokens (half prune's default: seven variants are built, and
+    # the 2:4 criteria need only per-channel norms or one layer's Gram matrix), in batches of 8: the same
+    # statistics as batches of 4 (sums over the same tokens) with half the calls.
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_samples=32, batch_size=8))
+    calibration_text: str = DEFAULT_CALIBRATION
     prune_fractions: tuple[float, ...] = (0.25, 0.5)
     sparsify_criteria: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
     combined_criterion: str = "sparsegpt"  # 2:4 on top of the 25% structured model
     gguf_types: tuple[str, ...] = ("q8_0", "q4_1")  # Q4_1 with searched scales: see fastprune.export.quantize
     prefill_tokens: int = 512
-    decode_tokens: int = 16  # 32 before: the rate per token hardly changes between 32 and 48 positions of context
+    decode_tokens: int = 32
     decode_batches: tuple[int, ...] = (1, 8)
-    rounds: int = 3
+    # Seven rounds: on a quiet 2-core VM one model's batch-1 decode speed alone wanders by +-20% from call to call
+    # (27 to 19 tokens/s over a minute), so ratios are taken round by round, on back-to-back calls.
+    rounds: int = 7
     quality: bool = True
 
 
@@ -55,6 +59,7 @@ class Row:
     perplexity: dict[str, float] = field(default_factory=dict)
     prefill_ms: float | None = None
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    decode_rounds: dict[int, list[float]] = field(default_factory=dict)  # every round's tokens/s, in round order
     build_s: float = 0.0
     note: str = ""
     masked_dense_diff: float | None = None  # 2:4 rows: max |logit difference| from the masked dense model / max |logit|
@@ -63,6 +68,7 @@ class Row:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
         d["gguf"] = None if self.gguf is None else self.gguf.name
         d["decode_tokens_per_s"] = {str(k): v for k, v in self.decode_tokens_per_s.items()}
+        d["decode_rounds"] = {str(k): v for k, v in self.decode_rounds.items()}
         return d
 
 
@@ -81,7 +87,7 @@ def build_rows(loaded, s: StudySettings, workdir: Path, progress=print) -> list[
     for fraction in s.prune_fractions:
         # Widths in multiples of 32 so every matrix splits into whole GGUF quantization blocks.
         config = PruningConfig(criterion="obs", target_params=fraction, round_to=32, calibration=s.calibration)
-        result, sec = _timed(lambda c=config, g=grams: prune(dense, c, "pydoc:calibration", tok, grams=g))
+        result, sec = _timed(lambda c=config, g=grams: prune(dense, c, s.calibration_text, tok, grams=g))
         grams = result.grams
         name = f"structured {fraction:.0%} (obs)"
         structured[fraction] = result.model
@@ -89,13 +95,13 @@ def build_rows(loaded, s: StudySettings, workdir: Path, progress=print) -> list[
         progress(f"built {name} in {sec:.0f} s")
     for criterion in s.sparsify_criteria:
         config = SparsifyConfig(criterion=criterion, calibration=s.calibration)
-        result, sec = _timed(lambda c=config: sparsify(dense, c, "pydoc:calibration", tok))
+        result, sec = _timed(lambda c=config: sparsify(dense, c, s.calibration_text, tok))
         model, note = _saved_and_loaded(result, tok, config, workdir / f"2-4-{criterion}")
         rows.append(Row(f"2:4 ({criterion})", "2:4", _weights_mb(model), model, build_s=sec, note=note))
         progress(f"built 2:4 ({criterion}) in {sec:.0f} s")
     base = structured[min(structured)]
     config = SparsifyConfig(criterion=s.combined_criterion, calibration=s.calibration)
-    result, sec = _timed(lambda: sparsify(base, config, "pydoc:calibration", tok))
+    result, sec = _timed(lambda: sparsify(base, config, s.calibration_text, tok))
     model, note = _saved_and_loaded(result, tok, config, workdir / "structured-2-4")
     name = f"structured {min(structured):.0%} + 2:4 ({s.combined_criterion})"
     rows.append(Row(name, "structured + 2:4", _weights_mb(model), model, build_s=sec, note=note))
@@ -177,7 +183,8 @@ def measure_latency(rows: list[Row], vocab_size: int, s: StudySettings, progress
         progress(f"latency round {k + 1}/{s.rounds} done")
     for r in timed:
         r.prefill_ms = 1000 * statistics.median(prefill[r.name])
-        r.decode_tokens_per_s = {b: statistics.median(decode[(r.name, b)]) for b in s.decode_batches}
+        r.decode_rounds = {b: decode[(r.name, b)] for b in s.decode_batches}
+        r.decode_tokens_per_s = {b: statistics.median(v) for b, v in r.decode_rounds.items()}
 
 
 def make_workdir() -> tempfile.TemporaryDirectory:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 NO_LATENCY = "needs llama.cpp"
@@ -52,9 +53,18 @@ def bar_checks(data: dict) -> list[dict]:
         checks.append({"check": check, "value": value, "met": bool(met)})
 
     dense, wanda = rows.get("dense"), rows.get("2:4 (wanda)")
-    if dense and wanda and wanda["decode_tokens_per_s"].get("1") and dense["decode_tokens_per_s"].get("1"):
-        ratio = wanda["decode_tokens_per_s"]["1"] / dense["decode_tokens_per_s"]["1"]
-        add("2:4 (wanda) decode at batch 1 >= 1.3x dense", f"{ratio:.2f}x", ratio >= 1.3)
+    paired = (
+        list(zip(wanda.get("decode_rounds", {}).get("1", []), dense.get("decode_rounds", {}).get("1", []), strict=True))
+        if dense and wanda
+        else []
+    )
+    if paired:  # each round's ratio (the two models ran back to back), then the median over rounds
+        ratios = sorted(w / d for w, d in paired)
+        ratio = statistics.median(ratios)
+        spread = f" (rounds {ratios[0]:.2f}x-{ratios[-1]:.2f}x)"
+        add(
+            "2:4 (wanda) decode at batch 1 >= 1.3x dense, median of round ratios", f"{ratio:.2f}x{spread}", ratio >= 1.3
+        )
     if wanda and wanda.get("masked_dense_diff") is not None:
         d = wanda["masked_dense_diff"]
         add("2:4 (wanda) logits == masked dense model's (fp32, 1e-4 of the logits' scale)", f"{d:.1e}", d <= 1e-4)
