@@ -19,7 +19,7 @@ from fastprune.adapters import adapter_for
 from fastprune.data import pydoc_text, token_windows
 from fastprune.errors import CalibrationError, ConfigError
 from fastprune.io import save_model
-from fastprune.recovery import RecoveryConfig, recover
+from fastprune.recovery import RecoveryConfig, recover, trainer
 from fastprune.recovery.checkpoint import (
     checkpoint_path,
     deferred_interrupt,
@@ -35,7 +35,6 @@ from fastprune.recovery.objectives import (
     next_token_ce,
     relative_mse,
 )
-from fastprune.recovery import trainer
 from fastprune.recovery.trainer import lr_factor
 from fastprune.surgery import apply_plan
 

@@ -68,8 +68,11 @@ class RecoveryConfig:
     )
     teacher_text: float = _opt(
         0.0,
-        "fraction of the training windows replaced by the teacher's own sampled continuations of their first 16 "
-        "tokens (needs a teacher; cached in ~/.cache/fastprune/teacher-text)",
+        "fraction of the training windows replaced by the teacher's own sampled continuations of their first "
+        "teacher_prompt tokens (needs a teacher; cached in ~/.cache/fastprune/teacher-text)",
+    )
+    teacher_prompt: int = _opt(
+        16, "tokens of each window the teacher continues (teacher_text); 0: it writes from its start token alone"
     )
     time_budget_min: float | None = _opt(
         None,
@@ -92,6 +95,7 @@ class RecoveryConfig:
             _check_int(name, getattr(self, name), 1)
         _check_int("patience", self.patience, 0)
         _check_int("seed", self.seed, 0)
+        _check_int("teacher_prompt", self.teacher_prompt, 0)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1)
         for name in ("lr", "max_grad_norm", "time_budget_min", "temperature", "lora_alpha"):

@@ -129,7 +129,9 @@ def recover(
         if teacher is None:
             raise ConfigError("teacher_text needs a teacher to write the text")
         k = max(1, round(config.teacher_text * len(train_ids)))  # held-out windows stay real text
-        train_ids = torch.cat([teacher_windows(teacher, train_ids[:k], config.seed), train_ids[k:]])
+        train_ids = torch.cat(
+            [teacher_windows(teacher, train_ids[:k], config.seed, config.teacher_prompt), train_ids[k:]]
+        )
     writing_seconds = time.perf_counter() - t0  # (part of the time budget)
     adapter = adapter_for(student)
     sharded, plain_class = sharding(), type(student)
