@@ -156,8 +156,9 @@ def markdown(results: dict) -> str:
         "",
         f"Perplexity on {results['windows']} windows of 512 tokens of each held-out text (none is used for "
         "calibration or recovery); in brackets the ratio to the dense model. Machine: "
-        f"{results['machine']}. Prune seconds include the statistics pass and were measured with other jobs on the "
-        "machine (the 1-minute load average at the row's end in brackets).",
+        f"{results['machine']}. Prune seconds include the statistics pass; the 1-minute load average at the "
+        "row's end is in brackets (above 2 on 2 cores: other jobs shared the machine, compare those seconds "
+        "with care).",
         "",
         "| row | removed | lever | " + " | ".join(EVAL_TEXTS) + " | prune s | recovery |",
         "|---|---|---|" + "---|" * len(EVAL_TEXTS) + "---|---|",
