@@ -8,7 +8,7 @@
   weight count vs 2:4, prefill and decode latency, decode against the memory-bandwidth bound.
 
 Writes ``benchmarks/results/study-<machine>.{md,json,png}`` (``-quick`` with ``--quick``: small settings to check
-that everything runs). 39 minutes on 2 CPU cores shared with other jobs (the committed run; 34 before).
+that everything runs). 13.5 minutes on 2 quiet CPU cores (the committed run; 39 on cores shared with other jobs).
 """
 
 from __future__ import annotations
