@@ -86,13 +86,19 @@ def rows() -> list[Row]:
     return out
 
 
-def prune_row(loaded, row: Row, samples: int) -> tuple[torch.nn.Module, dict]:
+def row_config(row: Row, samples: int | None = None) -> tuple[str, PruningConfig]:
+    """The row's calibration text and pruning config (``samples`` calibration windows unless the row names its own)."""
     settings = dict(row.settings)
     calibration = settings.pop("calibration", DEFAULT_CALIBRATION)
     windows = settings.pop("samples", samples) or CalibrationConfig().num_samples
     recovery_samples = settings.pop("recovery_samples", CalibrationConfig().recovery_samples)
     calibration_config = CalibrationConfig(num_samples=windows, recovery_samples=recovery_samples)
-    config = PruningConfig(target_params=row.target, calibration=calibration_config, **settings)
+    return calibration, PruningConfig(target_params=row.target, calibration=calibration_config, **settings)
+
+
+def prune_row(loaded, row: Row, samples: int) -> tuple[torch.nn.Module, dict]:
+    calibration, config = row_config(row, samples)
+    windows = config.calibration.num_samples
     t0 = time.perf_counter()
     result = fastprune.prune(loaded.model, config, calibration, loaded.tokenizer)
     info = {

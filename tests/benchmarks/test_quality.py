@@ -8,7 +8,6 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import quality  # noqa: E402
 
-from fastprune.config import PruningConfig  # noqa: E402
 from fastprune.data import BUILTIN_SOURCES, parse_mix  # noqa: E402
 from fastprune.recovery import RecoveryConfig  # noqa: E402
 
@@ -17,10 +16,7 @@ def test_rows_are_valid_settings_and_never_calibrate_on_an_evaluation_text():
     rows = quality.rows()
     assert len({r.name for r in rows}) == len(rows)
     for row in rows:
-        settings = dict(row.settings)
-        calibration = settings.pop("calibration", quality.DEFAULT_CALIBRATION)
-        settings.pop("samples", None)
-        PruningConfig(target_params=row.target, **settings)
+        calibration, _ = quality.row_config(row)
         assert not {name for name, _ in parse_mix(calibration)} & set(quality.EVAL_TEXTS)
         recovery = {k: v for k, v in row.recovery.items() if k != "fit_budget"}
         RecoveryConfig(time_budget_min=row.recover_min, **recovery)
