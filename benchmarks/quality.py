@@ -37,15 +37,21 @@ from fastprune.pipeline import recovery_windows
 from fastprune.recovery import RecoveryConfig, recover
 
 EVAL_TEXTS = ("pydoc:heldout", "licenses", "gnu-manuals", "idle-manual")
-#: The defaults before issue 15: 32 windows of Python's docs only, the same cut in every layer, each layer from the
-#: dense model.
-BEFORE = {"calibration": "pydoc:calibration", "samples": 32, "ranking": "per_layer", "sequential": False}
+#: The defaults before issue 15: 32 windows of 256 tokens of Python's docs only, the same cut in every layer, each
+#: layer from the dense model.
+BEFORE = {
+    "calibration": "pydoc:calibration",
+    "samples": 32,
+    "seq_len": 256,
+    "ranking": "per_layer",
+    "sequential": False,
+}
 #: Recovery before issue 15: two epochs at 2e-5 (the time budget only stopped it).
 RECOVERY_BEFORE = {"lr": 2e-5, "epochs": 2, "fit_budget": False}
 RESULTS = Path(__file__).parent / "results" / "quality"
-#: Recovery windows of the free-text row: about what 20 minutes on 2 cores train on once, so that the teacher
-#: (whose writing time counts against the budget) writes no window that training would not reach.
-FREE_TEXT_WINDOWS = 512
+#: Recovery windows (of 512 tokens) of the free-text row: about what 20 minutes on 2 cores train on once, so that
+#: the teacher (whose writing time counts against the budget) writes no window that training would not reach.
+FREE_TEXT_WINDOWS = 256
 
 
 @dataclass
@@ -71,6 +77,7 @@ def rows() -> list[Row]:
             Row(f"lw-{t}", target, "loss-weighted widths", {**BEFORE, "ranking": "loss_weighted"}),
             Row(f"seq-{t}", target, "sequential calibration", {**BEFORE, "sequential": True}),
             Row(f"samples-{t}", target, "128 calibration windows", {**BEFORE, "samples": 128}),
+            Row(f"len512-{t}", target, "calibration windows of 512 tokens", {**BEFORE, "seq_len": 512}),
             Row(f"new-{t}", target, "the new defaults", {}),
             Row(f"before-{t}+rec", target, "none, 20-min recovery (before)", dict(BEFORE), 20.0, dict(RECOVERY_BEFORE)),
             Row(f"new-{t}+rec", target, "the new defaults, 20-min recovery", {}, 20.0),
@@ -90,9 +97,11 @@ def row_config(row: Row, samples: int | None = None) -> tuple[str, PruningConfig
     """The row's calibration text and pruning config (``samples`` calibration windows unless the row names its own)."""
     settings = dict(row.settings)
     calibration = settings.pop("calibration", DEFAULT_CALIBRATION)
-    windows = settings.pop("samples", samples) or CalibrationConfig().num_samples
-    recovery_samples = settings.pop("recovery_samples", CalibrationConfig().recovery_samples)
-    calibration_config = CalibrationConfig(num_samples=windows, recovery_samples=recovery_samples)
+    defaults = CalibrationConfig()
+    windows = settings.pop("samples", samples) or defaults.num_samples
+    seq_len = settings.pop("seq_len", defaults.seq_len)
+    recovery_samples = settings.pop("recovery_samples", defaults.recovery_samples)
+    calibration_config = CalibrationConfig(num_samples=windows, seq_len=seq_len, recovery_samples=recovery_samples)
     return calibration, PruningConfig(target_params=row.target, calibration=calibration_config, **settings)
 
 

@@ -207,7 +207,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="3b")
     parser.add_argument("--fraction", type=float, default=0.25, help="non-embedding parameters to remove")
     parser.add_argument("--criterion", default="wanda")
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows (fastprune's default 32)")
+    parser.add_argument(
+        "--samples", type=int, default=32, help="calibration windows (32 of 256 tokens: the committed results)"
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastprune-rehearsal"))
     parser.add_argument("--keep", action="store_true", help="keep the written and pruned models")

@@ -29,10 +29,12 @@ class StudySettings:
     texts: tuple[str, ...] = ("pydoc:heldout", "licenses")
     windows: int = 4  # perplexity windows of seq_len tokens per text
     seq_len: int = 512
-    # The default calibration mix, 32 windows of 256 tokens (half prune's default: seven variants are built, and
-    # the 2:4 criteria need only per-channel norms or one layer's Gram matrix), in batches of 8: the same
-    # statistics as batches of 4 (sums over the same tokens) with half the calls.
-    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_samples=32, batch_size=8))
+    # The default calibration mix, 32 windows of 256 tokens (a quarter of prune's default text: seven variants are
+    # built, and the 2:4 criteria need only per-channel norms or one layer's Gram matrix), in batches of 8: the
+    # same statistics as batches of 4 (sums over the same tokens) with half the calls.
+    calibration: CalibrationConfig = field(
+        default_factory=lambda: CalibrationConfig(num_samples=32, seq_len=256, batch_size=8)
+    )
     calibration_text: str = DEFAULT_CALIBRATION
     prune_fractions: tuple[float, ...] = (0.25, 0.5)
     sparsify_criteria: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")

@@ -108,6 +108,10 @@ def _parse_value(f: dataclasses.Field, text: str):
         raise ConfigError(f"--{f.name.replace('_', '-')} expects a number; got {text!r}") from exc
 
 
+#: The calibration defaults the options show and start from.
+_CALIBRATION = CalibrationConfig()
+
+
 def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True, recovery: bool = True) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument(
@@ -117,11 +121,31 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True, recovery:
         f"{', '.join(BUILTIN_SOURCES)} (default {DEFAULT_CALIBRATION}: the first half of Python's docs topics and "
         "the standard library's docstrings; evaluation uses other texts)",
     )
-    g.add_argument("--samples", type=int, default=64, help="calibration windows (default 64; 128 is better and slower)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    g.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass (default 4)")
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=_CALIBRATION.num_samples,
+        help=f"calibration windows (default {_CALIBRATION.num_samples}; more is better and slower)",
+    )
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=_CALIBRATION.seq_len,
+        help=f"tokens per calibration window (default {_CALIBRATION.seq_len})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=_CALIBRATION.batch_size,
+        help=f"windows per forward/backward pass (default {_CALIBRATION.batch_size})",
+    )
     if recovery:
-        g.add_argument("--recovery-samples", type=int, default=1024, help="windows recovery trains on (default 1024)")
+        g.add_argument(
+            "--recovery-samples",
+            type=int,
+            default=_CALIBRATION.recovery_samples,
+            help=f"windows recovery trains on (default {_CALIBRATION.recovery_samples})",
+        )
     if not scoring:
         return
     g.add_argument("--criterion", choices=CRITERIA, default="obs", help="importance criterion (default obs)")
@@ -282,8 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CALIBRATION,
         help=f"training text: a file, a built-in text or a mix a+b, as for prune (default {DEFAULT_CALIBRATION})",
     )
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    p.add_argument("--samples", type=int, default=1024, help="training windows (default 1024)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=_CALIBRATION.seq_len,
+        help=f"tokens per training window (default {_CALIBRATION.seq_len})",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=_CALIBRATION.recovery_samples,
+        help=f"training windows (default {_CALIBRATION.recovery_samples})",
+    )
     _add_recovery(p, "")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="where to keep resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")

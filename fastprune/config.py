@@ -61,14 +61,17 @@ class CalibrationConfig:
     """How calibration text becomes batches: ``num_samples`` windows of ``seq_len`` tokens for scoring, up to
     ``recovery_samples`` windows for recovery."""
 
-    # 64 windows of 256 tokens: measured against 32 and 128 (benchmarks/results/quality-exploration.md), 64 takes
-    # most of what 128 gains on held-out text and keeps the default prune near a minute on 2 cores.
+    # 64 windows of 512 tokens, the length perplexity is measured at. In the exploration
+    # (benchmarks/results/quality-exploration.md) they beat the old 64 windows of 256 tokens on all five held-out
+    # texts and matched 256 windows of 256 tokens (twice their text, 1.5x their time); even 32 windows of 512 (the
+    # old token count) beat the old default on all five: later positions have statistics of their own. The
+    # default prune of SmolLM2 takes about a minute and a half on 2 cores.
     num_samples: int = 64
-    seq_len: int = 256
+    seq_len: int = 512
     batch_size: int = 4
     # Windows recovery trains on: more text than scoring needs, and enough that a 20-minute budget on 2 cores
-    # (about 150 steps of 4 windows) sees most of them once instead of cycling a few.
-    recovery_samples: int = 1024
+    # (about 60 steps of 4 windows) sees most of them once instead of cycling a few.
+    recovery_samples: int = 512
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size", "recovery_samples"):

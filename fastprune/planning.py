@@ -561,23 +561,62 @@ def _plan_for_budget(planner: _Planner, budget: Budget, warn: bool = True) -> Pl
         ),
         key=lambda t: t[:3],
     )
+    taken, left = _fill(pool, budget, current)
+    if left > budget.limit:
+        raise PlanError(
+            f"the {budget.metric} budget {budget.limit:.6g} cannot be met: pruning {'+'.join(sorted(kinds))} under "
+            f"the protections and minimum widths gets down to {left:.6g} at best"
+        )
+    # The step that meets the budget may overshoot it by a whole step (a uniform head step takes a head group from
+    # every layer: 6% of SmolLM2). Two ways out, the one that removes less score wins: keep that step and give
+    # back the earlier steps it made unnecessary, or leave it (and the rest of its sequence) and go on.
+    options = [_give_back(taken, budget, left)]
+    if taken:
+        n, k, _ = taken[-1]
+        other, other_left = _fill(pool, budget, current, skip_from=(n, k))
+        if other_left <= budget.limit:
+            options.append(_give_back(other, budget, other_left))
     cuts = {i: LayerCut() for i in candidates}
-    for _, _, _, step in pool:
-        if current <= budget.limit:
-            break
+    for _, _, step in min(options, key=lambda steps: sum(step.score for _, _, step in steps)):
         for i, (units, kv) in step.units.items():
             if step.kind == "heads":
                 cuts[i].heads += units
                 cuts[i].kv_heads += kv
             else:
                 cuts[i].channels += units
-        current -= step.cost(budget)
-    if current > budget.limit:
-        raise PlanError(
-            f"the {budget.metric} budget {budget.limit:.6g} cannot be met: pruning {'+'.join(sorted(kinds))} under "
-            f"the protections and minimum widths gets down to {current:.6g} at best"
-        )
     return Plan(shape, {i: LayerCut(c.heads, c.kv_heads, c.channels) for i, c in cuts.items()})
+
+
+_Taken = list[tuple[int, int, _Step]]  # (sequence, position in it, step), in the order taken
+
+
+def _fill(pool: list, budget: Budget, current: float, skip_from: tuple[int, int] | None = None) -> tuple[_Taken, float]:
+    """Steps from the pool (lowest score per cost first) until the budget is met, and the cost left after them;
+    ``skip_from=(n, k)`` leaves out sequence n from its step k on."""
+    taken = []
+    for _, n, k, step in pool:
+        if current <= budget.limit:
+            break
+        if skip_from is not None and n == skip_from[0] and k >= skip_from[1]:
+            continue
+        taken.append((n, k, step))
+        current -= step.cost(budget)
+    return taken, current
+
+
+def _give_back(taken: _Taken, budget: Budget, left: float) -> _Taken:
+    """``taken`` less the steps the budget can spare, highest score per cost first, each from the end of its
+    sequence (a sequence's steps stay a prefix of it)."""
+    ends: dict[int, int] = {}
+    for n, k, _ in taken:
+        ends[n] = max(ends.get(n, -1), k)
+    returned = set()
+    for n, k, step in reversed(taken):
+        if k == ends[n] and left + step.cost(budget) <= budget.limit:
+            returned.add((n, k))
+            ends[n] = k - 1
+            left += step.cost(budget)
+    return [t for t in taken if t[:2] not in returned]
 
 
 def _uniform_steps(per_layer: dict[int, dict[str, list[_Step]]], candidates: list[int]) -> list[list[_Step]]:

@@ -9,7 +9,8 @@ import torch
 from tinymodels import token_batch
 
 import fastprune
-from fastprune.cli import main
+from fastprune.cli import build_parser, main
+from fastprune.config import CalibrationConfig
 from fastprune.planning import Plan
 
 FAST = ["--samples", "2", "--seq-len", "48", "--batch-size", "2"]
@@ -219,3 +220,16 @@ def test_ctrl_c_stops_cleanly_without_output(model_dir, tmp_path, capsys, monkey
     code, _, err = run(["prune", "--model", str(model_dir), *FAST, "--out", str(tmp_path / "out")], capsys)
     assert code == 130 and "interrupted" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_calibration_options_default_to_the_library_defaults():
+    defaults = CalibrationConfig()
+    prune = build_parser().parse_args(["prune", "--model", "m", "--out", "o"])
+    assert (prune.samples, prune.seq_len, prune.batch_size, prune.recovery_samples) == (
+        defaults.num_samples,
+        defaults.seq_len,
+        defaults.batch_size,
+        defaults.recovery_samples,
+    )
+    recover = build_parser().parse_args(["recover", "--model", "m", "--out", "o"])
+    assert (recover.samples, recover.seq_len) == (defaults.recovery_samples, defaults.seq_len)

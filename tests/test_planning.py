@@ -130,6 +130,34 @@ def test_parameter_target_takes_the_cheapest_units_per_parameter():
     assert p.counts()["heads"] == 0 and p.counts()["channels"] > 0
 
 
+CHANNEL_STEP = 8 * 1728 * 30  # a uniform step of 8 channels in every layer
+
+
+def _heads_at_the_budget_edge(channel_scores: torch.Tensor) -> Scores:
+    """Scores whose uniform head step (3 heads in 30 layers, 6.2% of the parameters) comes, by score per
+    parameter, after the channels of about 9% of the parameters: a 10% target crosses the budget with it."""
+    scores = random_scores(SMOL)
+    scores.channels = [channel_scores.clone() for _ in range(30)]
+    scores.heads = [torch.full((9,), 5.2, dtype=torch.float64) for _ in range(30)]
+    return scores
+
+
+def test_a_step_that_overshoots_the_target_is_left_when_going_on_removes_less():
+    # Channel scores keep rising slowly: more channels instead of the head step remove less score.
+    p = plan(scores=_heads_at_the_budget_edge(torch.linspace(0, 1, 1536, dtype=torch.float64)), target_params=0.1)
+    assert p.counts()["heads"] == 0
+    assert 0.1 * TOTAL <= p.removed_params(SMOL_COSTS) < 0.1 * TOTAL + CHANNEL_STEP
+
+
+def test_a_step_that_overshoots_the_target_gives_back_the_steps_it_made_unnecessary():
+    # Past the first 184 channels every channel is precious: the head step stays and channels go back.
+    channels = torch.linspace(0, 1, 1536, dtype=torch.float64)
+    channels[184:] = 100.0
+    p = plan(scores=_heads_at_the_budget_edge(channels), target_params=0.1)
+    assert p.counts()["heads"] == 90 and p.counts()["channels"] < 184 * 30
+    assert 0.1 * TOTAL <= p.removed_params(SMOL_COSTS) < 0.1 * TOTAL + CHANNEL_STEP
+
+
 def test_parameter_target_by_depth_drops_lowest_layers():
     scores = random_scores(SMOL)
     p = plan(scores=scores, target_params=0.2, granularities=("layers",))

@@ -8,6 +8,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import quality  # noqa: E402
 
+from fastprune.config import CalibrationConfig  # noqa: E402
 from fastprune.data import BUILTIN_SOURCES, parse_mix  # noqa: E402
 from fastprune.recovery import RecoveryConfig  # noqa: E402
 
@@ -22,6 +23,17 @@ def test_rows_are_valid_settings_and_never_calibrate_on_an_evaluation_text():
         RecoveryConfig(time_budget_min=row.recover_min, **recovery)
     assert set(quality.EVAL_TEXTS) <= set(BUILTIN_SOURCES)
     assert {r.target for r in rows} == {0.25, 0.40}
+
+
+def test_before_rows_keep_the_old_calibration_and_new_rows_take_the_defaults():
+    rows = {r.name: r for r in quality.rows()}
+    calibration, before = quality.row_config(rows["before-25"])
+    assert calibration == "pydoc:calibration"
+    assert (before.calibration.num_samples, before.calibration.seq_len) == (32, 256)
+    _, lever = quality.row_config(rows["len512-25"])
+    assert (lever.calibration.num_samples, lever.calibration.seq_len) == (32, 512)
+    calibration, new = quality.row_config(rows["new-25"])
+    assert calibration == quality.DEFAULT_CALIBRATION and new.calibration == CalibrationConfig()
 
 
 def test_markdown_shows_ratios_to_the_dense_model():
