@@ -121,31 +121,13 @@ def _add_calibration(p: argparse.ArgumentParser, scoring: bool = True, recovery:
         f"{', '.join(BUILTIN_SOURCES)} (default {DEFAULT_CALIBRATION}: the first half of Python's docs topics and "
         "the standard library's docstrings; evaluation uses other texts)",
     )
-    g.add_argument(
-        "--samples",
-        type=int,
-        default=_CALIBRATION.num_samples,
-        help=f"calibration windows (default {_CALIBRATION.num_samples}; more is better and slower)",
-    )
-    g.add_argument(
-        "--seq-len",
-        type=int,
-        default=_CALIBRATION.seq_len,
-        help=f"tokens per calibration window (default {_CALIBRATION.seq_len})",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=_CALIBRATION.batch_size,
-        help=f"windows per forward/backward pass (default {_CALIBRATION.batch_size})",
-    )
+    d = _CALIBRATION
+    g.add_argument("--samples", type=int, default=d.num_samples, help=f"calibration windows (default {d.num_samples})")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per pass (default {d.batch_size})")
     if recovery:
-        g.add_argument(
-            "--recovery-samples",
-            type=int,
-            default=_CALIBRATION.recovery_samples,
-            help=f"windows recovery trains on (default {_CALIBRATION.recovery_samples})",
-        )
+        n = d.recovery_samples
+        g.add_argument("--recovery-samples", type=int, default=n, help=f"windows recovery trains on (default {n})")
     if not scoring:
         return
     g.add_argument("--criterion", choices=CRITERIA, default="obs", help="importance criterion (default obs)")
@@ -306,17 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CALIBRATION,
         help=f"training text: a file, a built-in text or a mix a+b, as for prune (default {DEFAULT_CALIBRATION})",
     )
+    d = _CALIBRATION
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per training window (default {d.seq_len})")
     p.add_argument(
-        "--seq-len",
-        type=int,
-        default=_CALIBRATION.seq_len,
-        help=f"tokens per training window (default {_CALIBRATION.seq_len})",
-    )
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=_CALIBRATION.recovery_samples,
-        help=f"training windows (default {_CALIBRATION.recovery_samples})",
+        "--samples", type=int, default=d.recovery_samples, help=f"training windows (default {d.recovery_samples})"
     )
     _add_recovery(p, "")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="where to keep resumable checkpoints")
