@@ -607,9 +607,7 @@ def _fill(pool: list, budget: Budget, current: float, skip_from: tuple[int, int]
 def _give_back(taken: _Taken, budget: Budget, left: float) -> _Taken:
     """``taken`` less the steps the budget can spare, highest score per cost first, each from the end of its
     sequence (a sequence's steps stay a prefix of it)."""
-    ends: dict[int, int] = {}
-    for n, k, _ in taken:
-        ends[n] = max(ends.get(n, -1), k)
+    ends = {n: k for n, k, _ in taken}  # a sequence's steps are taken in order: its last one is its end
     returned = set()
     for n, k, step in reversed(taken):
         if k == ends[n] and left + step.cost(budget) <= budget.limit:
