@@ -86,6 +86,14 @@ def rows() -> list[Row]:
             Row(f"before-{t}+rec", target, "none, 20-min recovery (before)", dict(BEFORE), 20.0, dict(RECOVERY_BEFORE)),
             Row(f"new-{t}+rec", target, "the new defaults, 20-min recovery", {}, 20.0),
             Row(
+                f"new-{t}+rec+fp32",
+                target,
+                "the new defaults, 20-min recovery in float32 (no bfloat16 autocast)",
+                {},
+                20.0,
+                {"precision": "fp32"},
+            ),
+            Row(
                 f"new-{t}+rec+free-text",
                 target,
                 "the new defaults, 20-min recovery, a quarter of its windows written freely by the teacher",
@@ -152,6 +160,7 @@ def prune_row(loaded, row: Row, samples: int) -> tuple[torch.nn.Module, dict]:
             "windows": len(windows.ids),
             "planned_steps": res.info["planned_steps"],
             "teacher_text": config_r.teacher_text,
+            "autocast": res.info["autocast"],
         }
     return model, info
 
@@ -198,6 +207,8 @@ def markdown(results: dict) -> str:
             cells.append("-" if v is None else f"{v:.2f}{ratio}")
         rec = r.get("recovery")
         rec_text = f"{rec['steps']} steps, {rec['seconds']} s, lr {rec['lr']:g}" if rec else ""
+        if rec and rec.get("autocast"):
+            rec_text += f", {rec['autocast']} autocast"
         removed = f"{r['removed_fraction']:.1%}" if "removed_fraction" in r else ""
         prune_s = f"{r['prune_s']} (load {r['load_1min']:.1f})" if "prune_s" in r else ""
         lines.append(

@@ -98,6 +98,8 @@ def _recovery_config(args, prefix: str, mode: str):
 
 def _parse_value(f: dataclasses.Field, text: str):
     kind = str(f.type)
+    if kind in ("str", str(str)):
+        return text  # (the config names the choices when the text is not one of them)
     try:
         if "tuple" in kind:
             return tuple(x.strip() for x in text.split(",") if x.strip())

@@ -27,6 +27,8 @@ def test_prune_with_recovery_records_it(model_dir, tmp_path, capsys):
             "--recover",
             "finetune",
             *FAST_RECOVERY,
+            "--recover-precision",
+            "bf16",
             "--out",
             str(out),
         ]
@@ -34,6 +36,7 @@ def test_prune_with_recovery_records_it(model_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "fastprune.json").read_text())
     assert info["recovery"]["config"]["mode"] == "finetune" and info["recovery"]["steps"] == 3
+    assert info["recovery"]["config"]["precision"] == "bf16" and info["recovery"]["autocast"] == "bfloat16"
     report = json.loads((out / "report.json").read_text())
     assert report["rows"][1]["name"] == "pruned (taylor + finetune)"
 
@@ -111,6 +114,8 @@ def test_recover_command_distils_from_the_source_model(model_dir, tmp_path, caps
             "2",
             "--batch-size",
             "2",
+            "--precision",
+            "fp32",
             *FAST_EVAL,
             "--out",
             str(out),
@@ -123,7 +128,8 @@ def test_recover_command_distils_from_the_source_model(model_dir, tmp_path, caps
     assert names == ["dense", "pruned", "recovered (distill)"]
     ppl = {r["name"]: r["quality"]["pydoc:heldout"] for r in report["rows"]}
     assert ppl["recovered (distill)"] < ppl["pruned"]
-    assert json.loads((out / "fastprune.json").read_text())["recovery"]["config"]["mode"] == "distill"
+    recovery = json.loads((out / "fastprune.json").read_text())["recovery"]
+    assert recovery["config"]["mode"] == "distill" and recovery["autocast"] is None
 
 
 def test_recover_without_a_known_teacher_is_refused(tmp_path, model_dir, capsys):

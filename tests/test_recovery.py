@@ -20,19 +20,19 @@ from fastprune.data import pydoc_text, token_windows
 from fastprune.errors import CalibrationError, ConfigError
 from fastprune.io import save_model
 from fastprune.recovery import RecoveryConfig, recover, trainer
+from fastprune.recovery import precision as precision_module
 from fastprune.recovery.checkpoint import (
     checkpoint_path,
     deferred_interrupt,
     load_checkpoint,
     save_checkpoint,
 )
+from fastprune.recovery.fused_loss import distillation_loss
 from fastprune.recovery.lora import add_lora, merge_lora
 from fastprune.recovery.objectives import (
-    distillation_kl,
     embedding_match,
     layer_pairs,
     make_objective,
-    next_token_ce,
     relative_mse,
 )
 from fastprune.recovery.trainer import lr_factor
@@ -162,13 +162,41 @@ def test_bert_finetune_lowers_heldout_masked_lm_loss(bert_windows):
 
 
 # -- the objectives match direct computations --------------------------------------------------------------
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.5])
-def test_distillation_kl_matches_direct_computation(temperature):
-    gen = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(2, 3, 7, 261, generator=gen).mul(4).unbind()
-    got = distillation_kl(student, teacher, temperature)
-    torch.testing.assert_close(got.double(), reference_kl(student, teacher, temperature), atol=1e-5, rtol=1e-5)
-    assert distillation_kl(teacher, teacher, temperature).abs() < 1e-6
+def reference_distillation_loss(student_logits, teacher_logits, ids, t, alpha):
+    """The fused loss written plainly with autograd, in float64."""
+    vocab = student_logits.shape[-1]
+    ce = F.cross_entropy(student_logits[:, :-1].double().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    return alpha * reference_kl(student_logits, teacher_logits, t) + (1 - alpha) * ce
+
+
+# Shapes whose position count is and is not a multiple of the chunk (CHUNK_ROWS = 32), and one of a single chunk.
+FUSED_CASES = [((2, 16), 2.0, 0.5), ((3, 23), 1.0, 0.3), ((1, 5), 3.5, 1.0), ((2, 40), 2.0, 0.0)]
+
+
+@pytest.mark.parametrize(("shape", "temperature", "alpha"), FUSED_CASES, ids=[str(c) for c in FUSED_CASES])
+def test_fused_distillation_loss_and_gradient_match_autograd(shape, temperature, alpha):
+    gen = torch.Generator().manual_seed(sum(shape))
+    student, teacher = torch.randn(2, *shape, 261, generator=gen).mul(4).unbind()
+    ids = torch.randint(0, 261, shape, generator=gen)
+    student.requires_grad_()
+    got = distillation_loss(student, teacher, ids, temperature, alpha)
+    (got * 3).backward()  # a non-unit upstream gradient
+    want_student = student.detach().double().requires_grad_()
+    want = reference_distillation_loss(want_student, teacher.double(), ids, temperature, alpha)
+    (want * 3).backward()
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student.grad.double(), want_student.grad, atol=1e-7, rtol=1e-5)
+    assert distillation_loss(teacher, teacher, ids, temperature, 1.0).abs() < 1e-6
+
+
+def test_fused_distillation_loss_keeps_no_gradient_without_autograd():
+    student, teacher = torch.randn(2, 2, 9, 50).unbind()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        loss = distillation_loss(student.requires_grad_(), teacher, ids, 2.0, 0.5)
+    assert loss.grad_fn is None
+    want = reference_distillation_loss(student.detach(), teacher, ids, 2.0, 0.5)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -187,7 +215,6 @@ def test_causal_distillation_objective_matches_direct_computation(alpha):
         hidden += ((s_h - t_h) ** 2).mean() / (t_h**2).mean() / 2
     expected = alpha * reference_kl(s.logits, t.logits, 2.0) + (1 - alpha) * ce + 0.25 * hidden
     torch.testing.assert_close(got.double(), expected.double(), atol=1e-5, rtol=1e-5)
-    assert torch.isclose(next_token_ce(s.logits, ids), ce)
 
 
 def test_layer_pairs_meet_at_the_last_layer():
@@ -489,6 +516,56 @@ def test_gradient_checkpointing_does_not_change_the_result(text_windows, teacher
         torch.testing.assert_close(p, want[name], atol=1e-6, rtol=1e-5)
 
 
+PRECISION_CASES = [
+    ("fp32", True, torch.float32),
+    ("bf16", False, torch.bfloat16),
+    ("auto", True, torch.bfloat16),
+    ("auto", False, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("precision", "native", "want"), PRECISION_CASES)
+def test_recovery_runs_student_and_teacher_in_the_chosen_precision(
+    text_windows, teacher_and_pruned, monkeypatch, precision, native, want
+):
+    teacher, pruned = teacher_and_pruned
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
+    seen = {"student": set(), "teacher": set()}
+    hooks = [
+        adapter_for(model).mlp(0).output.register_forward_hook(lambda _m, _a, out, who=who: seen[who].add(out.dtype))
+        for who, model in (("teacher", teacher), ("student", pruned))
+    ]
+    try:
+        config = RecoveryConfig(lr=1e-3, max_steps=2, batch_size=4, precision=precision)
+        result = recover(copy.deepcopy(pruned), teacher, text_windows[0].ids[:24], config)
+    finally:
+        for h in hooks:
+            h.remove()
+    # (the hook on ``pruned`` sees the deep copy's forward passes: hooks are copied with the module)
+    assert seen == {"student": {want}, "teacher": {want}}
+    assert result.info["autocast"] == (None if want == torch.float32 else "bfloat16")
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # weights stay float32
+
+
+def test_autocast_is_only_for_float32_weights():
+    assert precision_module.autocast_dtype("bf16", tiny_decoder(layers=1)) == torch.bfloat16
+    assert precision_module.autocast_dtype("bf16", tiny_decoder(layers=1).to(torch.bfloat16)) is None
+
+
+def test_bf16_recovery_follows_the_float32_run(text_windows, teacher_and_pruned):
+    """Autocast changes rounding, not the training: both runs improve the held-out loss about alike."""
+    teacher, pruned = teacher_and_pruned
+    train, heldout = text_windows
+    config = RecoveryConfig(lr=1e-3, epochs=1, batch_size=8, patience=0)
+    before = heldout_loss(pruned, heldout.ids)
+    after = {}
+    for precision in ("fp32", "bf16"):
+        run = recover(copy.deepcopy(pruned), teacher, train.ids, dataclasses.replace(config, precision=precision))
+        after[precision] = heldout_loss(run.model, heldout.ids)
+    assert after["fp32"] < before - 0.1
+    assert abs(after["bf16"] - after["fp32"]) < 0.1 * (before - after["fp32"])
+
+
 # -- configuration -----------------------------------------------------------------------------------------
 def test_config_defaults_and_round_trip():
     assert RecoveryConfig().learning_rate == 5e-5
@@ -532,6 +609,7 @@ BAD_CONFIGS = [
     dict(time_budget_min=0),
     dict(time_budget_min=math.inf),
     dict(checkpoint_every=0),
+    dict(precision="fp16"),
 ]
 
 

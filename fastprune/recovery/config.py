@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastprune.errors import ConfigError
+from fastprune.recovery.precision import PRECISIONS
 
 MODES = ("distill", "finetune", "lora")
 #: Learning rate when ``lr`` is None. Fine-tuning follows the usual guidance for pruned LLMs (1e-5 to 2e-5).
@@ -79,6 +80,11 @@ class RecoveryConfig:
         "minutes of wall time to spend: without max_steps the step count (and so the warm-up and cosine decay) is "
         "fitted to the budget from the first steps' measured time, cycling the windows as often as it fits",
     )
+    precision: str = _opt(
+        "auto",
+        "auto, bf16 or fp32: bf16 runs student and teacher under bfloat16 autocast (float32 weights and optimizer); "
+        "auto picks it where bfloat16 products are native (a CPU with AMX, a CUDA GPU with bf16)",
+    )
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     lean: bool = _opt(False, "memory-lean CPU mode: freeze embeddings and norms, no multi-tensor optimizer")
     checkpoint_every: int = _opt(100, "write a resumable checkpoint every this many optimizer steps")
@@ -87,6 +93,8 @@ class RecoveryConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ConfigError(f"recovery mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"recovery precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
             if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):

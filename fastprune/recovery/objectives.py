@@ -4,7 +4,8 @@
   loss for encoders), the same objective that scored the units.
 - Decoders with a teacher: ``alpha * T^2 * KL(teacher || student)`` on the next-token distributions softened
   by temperature T, plus ``(1 - alpha) *`` the next-token cross-entropy on the text. The T^2 factor keeps
-  gradient sizes comparable across temperatures (Hinton et al.).
+  gradient sizes comparable across temperatures (Hinton et al.). Both are computed together, fused and chunked
+  (fastprune.recovery.fused_loss).
 - Encoders with a teacher: there are no logits to match in general, so ``alpha`` weighs the relative MSE
   between the last hidden states plus ``1 - cos`` between the mean-pooled embeddings (the sentence embeddings
   that fastprune's evaluation compares), and ``1 - alpha`` the adapter's own loss.
@@ -25,20 +26,9 @@ from torch import nn
 from fastprune.adapters import Adapter, adapter_for
 from fastprune.errors import ConfigError
 from fastprune.recovery.config import RecoveryConfig
+from fastprune.recovery.fused_loss import distillation_loss
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) of the temperature-softened distributions, averaged over positions."""
-    log_s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
-
-
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each position's prediction of the next token."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
 
 
 def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -86,11 +76,7 @@ def _causal_distillation(student: nn.Module, teacher: nn.Module, ids: torch.Tens
     with torch.no_grad():
         t = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     s = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-    terms = []
-    if config.alpha > 0:
-        terms.append(config.alpha * distillation_kl(s.logits, t.logits, config.temperature))
-    if config.alpha < 1:
-        terms.append((1 - config.alpha) * next_token_ce(s.logits, ids))
+    terms = [distillation_loss(s.logits, t.logits, ids, config.temperature, config.alpha)]
     if hidden:
         terms.append(config.hidden_weight * hidden_state_loss(s.hidden_states, t.hidden_states))
     return sum(terms)

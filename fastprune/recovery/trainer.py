@@ -33,6 +33,7 @@ from fastprune.recovery.checkpoint import (
 from fastprune.recovery.config import RESUMABLE_CHANGES, RecoveryConfig
 from fastprune.recovery.lora import add_lora, merge_lora
 from fastprune.recovery.objectives import Objective, make_objective
+from fastprune.recovery.precision import autocast_dtype, with_autocast
 from fastprune.recovery.sharding import (
     agree_any,
     load_sharded,
@@ -148,7 +149,10 @@ def recover(
         device = next(student.parameters()).device
         peft_model = add_lora(adapter, config) if config.mode == "lora" else None
         try:
-            objective = make_objective(adapter, teacher, config)
+            dtype = autocast_dtype(config.precision, student)
+            if dtype is not None:
+                logger.info("recovery: forward passes under %s autocast (precision %s)", dtype, config.precision)
+            objective = with_autocast(make_objective(adapter, teacher, config), device, dtype)
             run = _Run(student, objective, train_ids.to(device), val_ids.to(device), config, checkpoint_dir)
             state = run.read_checkpoint() if resume else None
             if state is not None:
@@ -167,7 +171,9 @@ def recover(
         model = merge_lora(peft_model) if peft_model is not None else student
         if sharded:
             model = plain_copy(student, plain_class)
-    return run.result(model, distilled=teacher is not None)
+    result = run.result(model, distilled=teacher is not None)
+    result.info["autocast"] = None if dtype is None else str(dtype).removeprefix("torch.")
+    return result
 
 
 def split_windows(ids: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
