@@ -195,7 +195,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _kv_cache_mb(adapter, tokens: int) -> float:
+def kv_cache_mb(adapter, tokens: int) -> float:
+    """MB of keys and values that ``tokens`` positions of one sequence keep in the cache, in the weights' dtype."""
     shape = adapter.shape()
     itemsize = next(adapter.model.parameters()).element_size()
     return 2 * sum(s.kv_heads for s in shape.layers) * shape.head_dim * tokens * itemsize / 2**20
@@ -226,7 +227,7 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, config: EvalConfig |
         counts = adapter.count_parameters()
         rows[name] = Measurement(name, counts["total"], counts["non_embedding"], weights_mb=_weights_mb(adapter.model))
         if causal:
-            rows[name].kv_cache_mb = _kv_cache_mb(adapter, config.prefill_tokens)
+            rows[name].kv_cache_mb = kv_cache_mb(adapter, config.prefill_tokens)
         adapter.model.eval()
     for source in config.texts:
         text = read_text(source)

@@ -9,7 +9,7 @@ from fastprune.adapters import adapter_for
 from fastprune.budget import memory_budget, params_budget
 from fastprune.config import CalibrationConfig, PruningConfig
 from fastprune.errors import ConfigError, PlanError
-from fastprune.evaluation import _kv_cache_mb, _weights_mb
+from fastprune.evaluation import _weights_mb, kv_cache_mb
 
 CAL = CalibrationConfig(num_samples=4, seq_len=48)
 
@@ -29,11 +29,11 @@ def test_params_budget_counts_exactly():
 def test_memory_target_is_met_by_the_real_weights_and_kv_cache(tokenizer):
     model = tiny_decoder(heads=6, kv_heads=2, channels=48)
     adapter = adapter_for(model)
-    dense_mb = _weights_mb(model) + _kv_cache_mb(adapter, 1024)
+    dense_mb = _weights_mb(model) + kv_cache_mb(adapter, 1024)
     target = 0.8 * dense_mb
     config = PruningConfig(criterion="taylor", target_memory_mb=target, memory_context=1024, calibration=CAL)
     result = fastprune.prune(model, config, "pydoc:calibration", tokenizer=tokenizer)
-    pruned_mb = _weights_mb(result.model) + _kv_cache_mb(adapter_for(result.model), 1024)
+    pruned_mb = _weights_mb(result.model) + kv_cache_mb(adapter_for(result.model), 1024)
     assert pruned_mb <= target
     assert result.plan.info["budget"]["predicted"] == pytest.approx(pruned_mb)
     budget = memory_budget(adapter.shape(), adapter.param_costs(), 0, 4, 1024, 1.0)

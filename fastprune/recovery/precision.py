@@ -2,8 +2,9 @@
 
 The weights, their gradients and the optimizer state stay float32; only the matrix products run in bfloat16, and
 the losses are taken in float32 (the objectives cast logits and hidden states up). On hardware with native
-bfloat16 matrix units (a CPU with AMX, a CUDA GPU that supports bfloat16) a step takes about half the time, so a
-time budget trains on about twice the text. ``precision="auto"`` picks bfloat16 there and float32 elsewhere.
+bfloat16 matrix units (a CPU with AMX, a CUDA GPU that supports bfloat16) steps are faster, so a time budget
+trains on more text: distilling the 25%-pruned SmolLM2 on 2 AMX cores, 4 x 512 tokens per step, took 13 s a step
+instead of 18 (evaluations included). ``precision="auto"`` picks bfloat16 there and float32 elsewhere.
 """
 
 from __future__ import annotations

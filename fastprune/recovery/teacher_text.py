@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fastprune.adapters import adapter_for
 from fastprune.errors import ConfigError
-from fastprune.evaluation import _kv_cache_mb
+from fastprune.evaluation import kv_cache_mb
 from fastprune.io import atomic_write_bytes
 from fastprune.models import cache_dir
 
@@ -77,7 +77,7 @@ def teacher_windows(
 
 def generation_batch(adapter, seq_len: int) -> int:
     """How many windows of ``seq_len`` tokens to sample at once (their KV cache within KV_CACHE_BUDGET)."""
-    per_window = _kv_cache_mb(adapter, seq_len) * 2**20
+    per_window = kv_cache_mb(adapter, seq_len) * 2**20
     return max(1, min(MAX_GENERATION_BATCH, int(KV_CACHE_BUDGET // max(per_window, 1))))
 
 
