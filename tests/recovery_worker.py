@@ -28,6 +28,7 @@ CONFIG = RecoveryConfig(
     max_steps=6,
     checkpoint_every=2,
     patience=0,
+    precision="fp32",  # one process vs two agree to float32 rounding; bfloat16 products would differ by more
 )
 
 
