@@ -49,8 +49,9 @@ BEFORE = {
 #: Recovery before issue 15: two epochs at 2e-5 (the time budget only stopped it).
 RECOVERY_BEFORE = {"lr": 2e-5, "epochs": 2, "fit_budget": False}
 RESULTS = Path(__file__).parent / "results" / "quality"
-#: Recovery windows (of 512 tokens) of the free-text row: about what 20 minutes on 2 cores train on once, so that
-#: the teacher (whose writing time counts against the budget) writes no window that training would not reach.
+#: Recovery windows (of 512 tokens) of the free-text row: about what 20 minutes of float32 steps on 2 cores train
+#: on once (63 steps of 4), so that the teacher (whose writing time counts against the budget) writes no window that
+#: training would not reach. (bfloat16 steps reach about 440 windows: its measured row predates them.)
 FREE_TEXT_WINDOWS = 256
 #: Weight of the hidden-state loss in the hidden-state row. On the 25%-pruned SmolLM2 (4 recovery windows of 512
 #: tokens) the KL term at T=2 is 0.29 and the hidden states' relative MSE 0.011 (0.031 without the first position,

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 CHUNK_ROWS = 32
 
 
-def _chunk(s, t, target, temperature: float, alpha: float, scale: tuple[float, float], want_grad: bool):
+def _chunk(s, t, target, temperature: float, scale: tuple[float, float], want_grad: bool):
     """One chunk of float32 rows: its KL sum and CE sum, and (if ``want_grad``) their gradient, each term scaled by
-    its factor in ``scale`` (else None). A term whose weight is zero is skipped."""
+    its factor in ``scale`` (else None). A term whose factor is zero is skipped."""
     kl = ce = torch.zeros((), dtype=torch.float64)
     grad = None
-    if alpha > 0:
+    if scale[0] > 0:
         log_s = F.log_softmax(s / temperature, dim=-1)
         log_t = F.log_softmax(t / temperature, dim=-1)
         p_t = log_t.exp()
@@ -32,7 +32,7 @@ def _chunk(s, t, target, temperature: float, alpha: float, scale: tuple[float, f
         kl = torch.dot(flat, log_t.view(-1)) - torch.dot(flat, log_s.view(-1))
         if want_grad:
             grad = log_s.exp_().sub_(p_t).mul_(temperature * scale[0])
-    if alpha < 1:
+    if scale[1] > 0:
         log_p = F.log_softmax(s, dim=-1)
         rows = (target >= 0).nonzero().flatten()
         ce = -log_p[rows, target[rows]].sum()
@@ -55,7 +55,7 @@ class _DistillationLoss(torch.autograd.Function):
         for start in range(0, positions, CHUNK_ROWS):
             part = slice(start, start + CHUNK_ROWS)
             s, t = student[part].float(), teacher[part].float()
-            kl, ce, g = _chunk(s, t, targets[part], temperature, alpha, scale, want_grad)
+            kl, ce, g = _chunk(s, t, targets[part], temperature, scale, want_grad)
             kl_sum, ce_sum = kl_sum + kl.double(), ce_sum + ce.double()
             if want_grad:
                 grad[part] = g
