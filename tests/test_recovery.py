@@ -336,6 +336,27 @@ def test_a_fitted_schedule_is_fitted_again_when_steps_slow_down(text_windows, te
     assert lrs[-1] < 0.25 * max(lrs)
 
 
+def test_a_fitted_schedule_is_fitted_again_between_evaluations_when_steps_speed_up(
+    text_windows, teacher_and_pruned, monkeypatch
+):
+    # The timed first steps are four times slower than the rest, and no evaluation falls inside the run (a short
+    # budget on a slow CPU): fitted once, the schedule would end with most of its budget unspent.
+    original_batches = trainer._Run._micro_batches
+
+    def micro_batches(run, step):  # (inside the step's timed part)
+        time.sleep(0.08 if step < trainer.TIMED_STEPS else 0.02)
+        return original_batches(run, step)
+
+    monkeypatch.setattr(trainer._Run, "_micro_batches", micro_batches)
+    ids = text_windows[0].ids[:40]
+    teacher, pruned = teacher_and_pruned
+    config = RecoveryConfig(lr=1e-3, epochs=1, batch_size=8, eval_every=10**4, patience=0, time_budget_min=0.05)
+    result = recover(copy.deepcopy(pruned), teacher, ids, config)
+    assert result.seconds <= 60 * config.time_budget_min + 1.0
+    assert result.seconds >= 0.8 * 60 * config.time_budget_min  # (fitted once, about two thirds of it here)
+    assert result.steps >= 0.8 * result.info["planned_steps"]
+
+
 # -- checkpoints and resume --------------------------------------------------------------------------------
 def _interrupt_at(model, mode: str, call: int):
     """Raise KeyboardInterrupt at the ``call``-th forward of ``model`` in train (or eval) mode: a Ctrl-C."""

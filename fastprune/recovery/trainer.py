@@ -190,6 +190,9 @@ def split_windows(ids: torch.Tensor, val_fraction: float, seed: int) -> tuple[to
 TIMED_STEPS = 3
 #: Fraction of the time left that the fitted schedule plans to use (the rest absorbs timing noise).
 BUDGET_USE = 0.97
+#: A fitted schedule is fitted again at every held-out evaluation and after at most this many steps between them
+#: (a 20-minute budget on a slow CPU holds fewer steps than one evaluation interval).
+REFIT_STEPS = 8
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -280,7 +283,7 @@ class _Run:
                     p.stop_reason = self._stop_reason(out_of_time)
                     if p.stop_reason is not None:
                         break
-                    if due and self._refit_due():
+                    if self._refit_due(due):
                         self._fit_schedule_to_budget()
                         bar.total = self.total_steps
                     if self._checkpoint_due():
@@ -350,11 +353,13 @@ class _Run:
         self.timed_steps.append(self.step_seconds)
         return total
 
-    def _refit_due(self) -> bool:
-        """Whether to fit the schedule again (at an evaluation, once a fitted run has timed steps of its own): steps
-        slow down or speed up with the machine's load, and a schedule fitted once would then end after the budget
-        stops it (its learning rate never decayed) or before the budget is spent."""
-        return self.fit_to_budget and self.progress.planned_steps is not None and len(self.timed_steps) >= 2
+    def _refit_due(self, evaluated: bool) -> bool:
+        """Whether to fit the schedule again (at an evaluation or every ``REFIT_STEPS`` steps, once a fitted run has
+        timed steps of its own): steps slow down or speed up with the machine's load, and a schedule fitted once
+        would then end after the budget stops it (its learning rate never decayed) or before the budget is spent."""
+        timed = len(self.timed_steps)
+        fitted = self.fit_to_budget and self.progress.planned_steps is not None
+        return fitted and (timed >= REFIT_STEPS or (evaluated and timed >= 2))
 
     def _fit_schedule_to_budget(self) -> None:
         """Set the step count (and so the warm-up and cosine decay) to what the rest of the time budget holds.
