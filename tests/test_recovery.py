@@ -74,8 +74,10 @@ def teacher_and_pruned(text_windows):
     train, _ = text_windows
     torch.manual_seed(0)
     teacher = tiny_decoder().train()
-    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
-    for step in range(120):
+    # (120 steps at 1e-2 left it at the byte unigram level with transformers 5.24 on an AVX2 CPU: a loss of 3.13,
+    # which the pruning barely changed)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    for step in range(300):
         ids = train.ids[(step * 8) % 240 :][:8]
         teacher(input_ids=ids, labels=ids).loss.backward()
         opt.step()
@@ -589,7 +591,7 @@ def test_bf16_recovery_follows_the_float32_run(text_windows, teacher_and_pruned)
 
 # -- configuration -----------------------------------------------------------------------------------------
 def test_config_defaults_and_round_trip():
-    assert RecoveryConfig().learning_rate == 5e-5
+    assert RecoveryConfig().learning_rate == 2e-4
     assert RecoveryConfig(mode="finetune").learning_rate == 2e-5
     assert RecoveryConfig(mode="lora").learning_rate == 2e-4
     assert RecoveryConfig(mode="lora", lr=1e-3).learning_rate == 1e-3
