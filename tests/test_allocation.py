@@ -28,8 +28,8 @@ def setup(tokenizer):
     text = token_windows(tokenizer, pydoc_text("calibration"), SEQ, 96, "pydoc:calibration").ids
     torch.manual_seed(0)
     model = tiny_decoder(layers=4, seed=3).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(150):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # (1e-2 left it at the byte unigram level on an AVX2 CPU)
+    for step in range(300):
         ids = text[(step * 8) % 88 :][:8]
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
