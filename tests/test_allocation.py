@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tinymodels import tiny_decoder
+from tinymodels import tiny_decoder, train_briefly
 
 import fastprune
 from fastprune.adapters import adapter_for
@@ -27,14 +27,7 @@ def setup(tokenizer):
     """A tiny decoder trained briefly on Python's docs (so cutting it hurts), with a louder third layer."""
     text = token_windows(tokenizer, pydoc_text("calibration"), SEQ, 96, "pydoc:calibration").ids
     torch.manual_seed(0)
-    model = tiny_decoder(layers=4, seed=3).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # (1e-2 left it at the byte unigram level on an AVX2 CPU)
-    for step in range(300):
-        ids = text[(step * 8) % 88 :][:8]
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model = train_briefly(tiny_decoder(layers=4, seed=3), text[:88])
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.mul_(3)
     batches = list(text[88:96].split(4))

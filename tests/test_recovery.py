@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from tinymodels import random_plan, tiny_bert, tiny_decoder, token_batch
+from tinymodels import random_plan, tiny_bert, tiny_decoder, token_batch, train_briefly
 from transformers import BertForMaskedLM
 
 import fastprune
@@ -73,16 +73,7 @@ def teacher_and_pruned(text_windows):
     """A tiny decoder trained briefly on Python's docs (so it is worth imitating), and a badly pruned copy."""
     train, _ = text_windows
     torch.manual_seed(0)
-    teacher = tiny_decoder().train()
-    # (120 steps at 1e-2 left it at the byte unigram level with transformers 5.24 on an AVX2 CPU: a loss of 3.13,
-    # which the pruning barely changed)
-    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    for step in range(300):
-        ids = train.ids[(step * 8) % 240 :][:8]
-        teacher(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    teacher.eval()
+    teacher = train_briefly(tiny_decoder(), train.ids)
     config = fastprune.PruningConfig(
         criterion="magnitude_l2", head_ratio=2 / 3, channel_ratio=0.5, layer_ratio=0.25, reconstruct=False
     )

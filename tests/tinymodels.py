@@ -63,6 +63,20 @@ def tiny_decoder(
     return model.eval()
 
 
+def train_briefly(model: torch.nn.Module, windows: torch.Tensor, steps: int = 300, batch: int = 8) -> torch.nn.Module:
+    """Train a tiny causal LM in place on ``windows`` (cycled ``batch`` at a time, AdamW at 3e-3) and return it in
+    eval mode: enough that cutting it hurts. (120-150 steps at 1e-2 left it at the byte unigram level with
+    transformers 5.24 on an AVX2 CPU, where pruning barely changed the loss.)"""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        ids = windows[(step * batch) % len(windows) :][:batch]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 def tiny_bert(heads: int = 4, layers: int = 3, channels: int = 36, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = BertConfig(
