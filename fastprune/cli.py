@@ -55,7 +55,8 @@ def _add_reconstruction(p: argparse.ArgumentParser) -> None:
         "--sequential",
         action="store_true",
         help="cut one layer at a time, each calibrated (refit, and units re-chosen by layer-local criteria) on the "
-        "activations of the layers already cut (SparseGPT/SlimGPT style); the planned widths do not change",
+        "activations of the layers already cut (SparseGPT/SlimGPT style); the planned widths do not change. About "
+        "twice the prune time; on SmolLM2 it helped at 40%% removed and was even at 25%%",
     )
 
 
