@@ -62,8 +62,11 @@ def test_weights_are_the_loss_rise_of_each_layer_cut_alone_per_score_removed(set
         masses.append(float(scores.heads[i][cut.heads].sum()) + float(scores.channels[i][cut.channels].sum()))
         rises.append(loss(pruned) - base)
     rises = torch.tensor(rises, dtype=torch.float64)
-    assert (rises > 0).all()  # (so no floor applies)
-    ratios = rises / torch.tensor(masses, dtype=torch.float64)
+    # Which cuts of a tiny model raise its loss depends on the CPU's arithmetic (on an AVX-512 Xeon two of the four
+    # lowered it): the ones that do not are floored at 1% of the median rise.
+    assert (rises > 0).sum() >= 2  # (enough rising layers to tell them apart)
+    floor = 0.01 * rises[rises > 0].median()
+    ratios = rises.clamp_min(floor) / torch.tensor(masses, dtype=torch.float64)
     assert torch.allclose(weights, ratios / ratios.median(), rtol=1e-4)
 
 
