@@ -329,15 +329,22 @@ def test_a_fitted_schedule_is_fitted_again_when_steps_slow_down(text_windows, te
     assert lrs[-1] < 0.25 * max(lrs)
 
 
+@pytest.mark.parametrize(
+    "timed_sleep, later_sleep",
+    [
+        (0.08, 0.02),  # the first fit plans more than REFIT_STEPS further steps
+        (0.3, 0.1),  # it plans fewer (slow steps, as on a loaded CI machine): checked again at its midpoint
+    ],
+)
 def test_a_fitted_schedule_is_fitted_again_between_evaluations_when_steps_speed_up(
-    text_windows, teacher_and_pruned, monkeypatch
+    text_windows, teacher_and_pruned, monkeypatch, timed_sleep, later_sleep
 ):
-    # The timed first steps are four times slower than the rest, and no evaluation falls inside the run (a short
-    # budget on a slow CPU): fitted once, the schedule would end with most of its budget unspent.
+    # The timed first steps are three to four times slower than the rest, and no evaluation falls inside the run (a
+    # short budget on a slow CPU): fitted once, the schedule would end with a third or more of its budget unspent.
     original_batches = trainer._Run._micro_batches
 
     def micro_batches(run, step):  # (inside the step's timed part)
-        time.sleep(0.08 if step < trainer.TIMED_STEPS else 0.02)
+        time.sleep(timed_sleep if step < trainer.TIMED_STEPS else later_sleep)
         return original_batches(run, step)
 
     monkeypatch.setattr(trainer._Run, "_micro_batches", micro_batches)
@@ -346,7 +353,7 @@ def test_a_fitted_schedule_is_fitted_again_between_evaluations_when_steps_speed_
     config = RecoveryConfig(lr=1e-3, epochs=1, batch_size=8, eval_every=10**4, patience=0, time_budget_min=0.05)
     result = recover(copy.deepcopy(pruned), teacher, ids, config)
     assert result.seconds <= 60 * config.time_budget_min + 1.0
-    assert result.seconds >= 0.8 * 60 * config.time_budget_min  # (fitted once, about two thirds of it here)
+    assert result.seconds >= 0.8 * 60 * config.time_budget_min  # (fitted once: two thirds of it or less)
     assert result.steps >= 0.8 * result.info["planned_steps"]
 
 

@@ -191,7 +191,8 @@ TIMED_STEPS = 3
 #: Fraction of the time left that the fitted schedule plans to use (the rest absorbs timing noise).
 BUDGET_USE = 0.97
 #: A fitted schedule is fitted again at every held-out evaluation and after at most this many steps between them
-#: (a 20-minute budget on a slow CPU holds fewer steps than one evaluation interval).
+#: (a 20-minute budget on a slow CPU holds fewer steps than one evaluation interval), or halfway through the steps
+#: it planned if that comes first (a plan shorter than this would otherwise end before it is checked).
 REFIT_STEPS = 8
 
 
@@ -235,6 +236,7 @@ class _Run:
         # With a time budget and no step limit the schedule is fitted to the budget once steps are timed.
         self.fit_to_budget = config.time_budget_min is not None and config.max_steps is None
         self.timed_steps: list[float] = []
+        self.refit_after = REFIT_STEPS  # timed steps after which a fitted schedule is fitted again
         # foreach=False keeps AdamW from allocating temporaries for all parameters at once (lean mode).
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=config.learning_rate, weight_decay=0.0, foreach=not config.lean
@@ -354,12 +356,12 @@ class _Run:
         return total
 
     def _refit_due(self, evaluated: bool) -> bool:
-        """Whether to fit the schedule again (at an evaluation or every ``REFIT_STEPS`` steps, once a fitted run has
+        """Whether to fit the schedule again (at an evaluation, or after ``refit_after`` steps, once a fitted run has
         timed steps of its own): steps slow down or speed up with the machine's load, and a schedule fitted once
         would then end after the budget stops it (its learning rate never decayed) or before the budget is spent."""
         timed = len(self.timed_steps)
         fitted = self.fit_to_budget and self.progress.planned_steps is not None
-        return fitted and (timed >= REFIT_STEPS or (evaluated and timed >= 2))
+        return fitted and (timed >= self.refit_after or (evaluated and timed >= 2))
 
     def _fit_schedule_to_budget(self) -> None:
         """Set the step count (and so the warm-up and cosine decay) to what the rest of the time budget holds.
@@ -376,6 +378,7 @@ class _Run:
         left = 60 * config.time_budget_min - self._elapsed() - eval_seconds
         more = int(BUDGET_USE * left / (step_seconds + eval_seconds / config.eval_every))
         self._set_total_steps(max(p.step + 1, p.step + more))
+        self.refit_after = max(2, min(REFIT_STEPS, (self.total_steps - p.step) // 2))
         logger.log(
             logging.INFO if len(p.history) <= 1 else logging.DEBUG,
             "recovery: %.2f s per step measured; %d steps fill the %.4g-minute budget (%.1f epochs)",
