@@ -378,7 +378,6 @@ class _Run:
         left = 60 * config.time_budget_min - self._elapsed() - eval_seconds
         more = int(BUDGET_USE * left / (step_seconds + eval_seconds / config.eval_every))
         self._set_total_steps(max(p.step + 1, p.step + more))
-        self.refit_after = max(2, min(REFIT_STEPS, (self.total_steps - p.step) // 2))
         logger.log(
             logging.INFO if len(p.history) <= 1 else logging.DEBUG,
             "recovery: %.2f s per step measured; %d steps fill the %.4g-minute budget (%.1f epochs)",
@@ -391,6 +390,7 @@ class _Run:
     def _set_total_steps(self, total: int) -> None:
         self.total_steps = self.progress.planned_steps = total
         self.warmup_steps = round(self.config.warmup * total)
+        self.refit_after = max(2, min(REFIT_STEPS, (total - self.progress.step) // 2))
 
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
         epoch, j = divmod(step, self.steps_per_epoch)
