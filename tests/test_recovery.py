@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import time
+import types
 
 import pytest
 import torch
@@ -355,6 +356,28 @@ def test_a_fitted_schedule_is_fitted_again_between_evaluations_when_steps_speed_
     assert result.seconds <= 60 * config.time_budget_min + 1.0
     assert result.seconds >= 0.8 * 60 * config.time_budget_min  # (fitted once: two thirds of it or less)
     assert result.steps >= 0.8 * result.info["planned_steps"]
+
+
+def test_the_budget_stop_allows_for_the_slowest_recent_step(text_windows, teacher_and_pruned, monkeypatch):
+    # Every fourth step takes four times as long (a host shared with a periodic job), on a fake clock that only
+    # the steps advance. Allowing for the last step's time alone, the stop check after three fast steps lets a
+    # slow one start with 0.35 s of the 6.6 s budget left, and the run ends at 7.0 s.
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    original_batches = trainer._Run._micro_batches
+
+    def micro_batches(run, step):
+        clock.now += 1.0 if step % 4 == 3 else 0.25
+        return original_batches(run, step)
+
+    monkeypatch.setattr(trainer._Run, "_micro_batches", micro_batches)
+    ids = text_windows[0].ids[:40]
+    teacher, pruned = teacher_and_pruned
+    config = RecoveryConfig(lr=1e-3, epochs=1000, max_steps=10**6, batch_size=8, eval_every=5, time_budget_min=0.11)
+    result = recover(copy.deepcopy(pruned), teacher, ids, config)
+    assert result.stop_reason == "time_budget"
+    assert result.seconds <= 60 * config.time_budget_min
+    assert result.seconds == 5.75  # one slow step before the 6.6 s budget would run out: 14 steps, 3 of them slow
 
 
 # -- checkpoints and resume --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,7 +257,8 @@ class _Run:
             "windows": _digest(torch.cat([train_ids, val_ids])),
         }
         self.t0 = time.perf_counter()
-        self.step_seconds = self.eval_seconds = 0.0
+        self.recent_steps: deque[float] = deque(maxlen=REFIT_STEPS)  # the stop check's margin: the slowest of these
+        self.eval_seconds = 0.0
         self.saved_step = 0
         self.rng = rng_state()
         self.postfix: dict[str, str] = {}
@@ -325,8 +327,10 @@ class _Run:
     def _out_of_time(self) -> bool:
         if self.config.time_budget_min is None:
             return False
-        # Stop while one more step and the final evaluation still fit in the budget (all processes together).
-        return agree_any(self._elapsed() + self.step_seconds + self.eval_seconds > 60 * self.config.time_budget_min)
+        # Stop while one more step and the final evaluation still fit in the budget (all processes together). The
+        # next step may be slower than the last one (a busy host): allow for the slowest of the recent steps.
+        next_step = max(self.recent_steps, default=0.0)
+        return agree_any(self._elapsed() + next_step + self.eval_seconds > 60 * self.config.time_budget_min)
 
     def _elapsed(self) -> float:
         return self.progress.seconds + time.perf_counter() - self.t0
@@ -351,8 +355,9 @@ class _Run:
             self.progress.loss_sum += total
             self.progress.loss_count += 1
             self.rng = rng_state()  # where the next step starts: what a checkpoint taken before it restores
-        self.step_seconds = time.perf_counter() - t0
-        self.timed_steps.append(self.step_seconds)
+        seconds = time.perf_counter() - t0
+        self.timed_steps.append(seconds)
+        self.recent_steps.append(seconds)
         return total
 
     def _refit_due(self, evaluated: bool) -> bool:
